@@ -1,0 +1,43 @@
+# stoqd: `make run` starts the daemon on the embedded default; `make test` passes the tests.
+# Both set up everything they need on a fresh Debian machine (a venv, and as root the
+# Debian packages the tests use), so a fresh clone needs nothing else.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CONFIG ?= etc/stoq.cfg
+PYTEST_ARGS ?=
+
+.PHONY: run test lint bench install system-deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Debian packages the tests need: libmagic for the mimetype worker, RabbitMQ for the
+# queue tests. The Pub/Sub emulator comes with the machine image (see README).
+system-deps:
+	@bash tests/setup-system.sh
+
+run: install
+	mkdir -p var/incoming var/results var/run
+	$(BIN)/stoqd -c $(CONFIG)
+
+test: install system-deps
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check stoqd stoq providers tests bench
+	$(BIN)/ruff format --check stoqd stoq providers tests bench
+	$(BIN)/mypy stoqd stoq
+
+bench: install
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) var build *.egg-info
