@@ -1,0 +1,1 @@
+"""stoqd's provider plugins, installed as ``stoqd_providers`` (see pyproject.toml)."""
