@@ -1,0 +1,1 @@
+"""The dirmon provider plugin."""

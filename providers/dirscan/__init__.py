@@ -1,0 +1,1 @@
+"""The dirscan provider plugin."""

@@ -1,0 +1,1 @@
+"""The rabbitmq provider plugin."""

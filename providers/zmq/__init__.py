@@ -1,0 +1,1 @@
+"""The zmq provider plugin."""
