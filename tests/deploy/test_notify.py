@@ -1,0 +1,185 @@
+"""stoqd.notify against a real datagram socket, as systemd's manager would bind it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from stoqd import notify
+
+
+class Listener:
+    """A datagram socket standing in for systemd's notify socket."""
+
+    def __init__(self, address: str, env_value: str) -> None:
+        self.env_value = env_value
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(address)
+        self.sock.settimeout(5)
+
+    def recv(self) -> str:
+        return self.sock.recv(4096).decode("utf-8")
+
+    def nothing_pending(self) -> bool:
+        self.sock.setblocking(False)
+        try:
+            self.sock.recv(4096)
+        except BlockingIOError:
+            return True
+        finally:
+            self.sock.settimeout(5)
+        return False
+
+
+@pytest.fixture(params=["path", "abstract"])
+def listener(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Listener]:
+    if request.param == "path":
+        # pytest's tmp_path can exceed the 107-byte limit of a socket path.
+        directory = tempfile.mkdtemp(prefix="stoqd-notify-")
+        path = os.path.join(directory, "notify.sock")
+        sock = Listener(path, path)
+    else:
+        name = f"stoqd-test-{uuid.uuid4().hex}"
+        sock = Listener("\0" + name, "@" + name)
+    monkeypatch.setenv("NOTIFY_SOCKET", sock.env_value)
+    yield sock
+    sock.sock.close()
+    notify.default().close()
+    if request.param == "path":
+        Path(path).unlink()
+        os.rmdir(directory)
+
+
+def test_ready_sends_ready(listener: Listener) -> None:
+    assert notify.ready() is True
+    assert listener.recv() == "READY=1"
+
+
+def test_ready_with_status_is_one_datagram(listener: Listener) -> None:
+    notify.ready("1 provider running, 2 workers")
+    assert listener.recv() == "READY=1\nSTATUS=1 provider running, 2 workers"
+
+
+def test_status_keeps_to_one_line(listener: Listener) -> None:
+    notify.status("queue 3\nin flight 1")
+    assert listener.recv() == "STATUS=queue 3 in flight 1"
+
+
+def test_stopping_watchdog_mainpid(listener: Listener) -> None:
+    notify.stopping()
+    notify.watchdog()
+    notify.main_pid(4242)
+    notify.main_pid()
+    assert listener.recv() == "STOPPING=1"
+    assert listener.recv() == "WATCHDOG=1"
+    assert listener.recv() == "MAINPID=4242"
+    assert listener.recv() == f"MAINPID={os.getpid()}"
+
+
+def test_extend_timeout_in_microseconds(listener: Listener) -> None:
+    notify.extend_timeout(2.5)
+    assert listener.recv() == "EXTEND_TIMEOUT_USEC=2500000"
+
+
+def test_reloading_carries_monotonic_usec(listener: Listener) -> None:
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    notify.reloading()
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    first, second = listener.recv().split("\n")
+    assert first == "RELOADING=1"
+    key, value = second.split("=")
+    assert key == "MONOTONIC_USEC"
+    assert before <= int(value) <= after
+
+
+def test_unset_socket_is_a_silent_no_op(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert notify.default().enabled is False
+    assert notify.ready() is False
+    assert notify.status("x") is False
+    assert notify.watchdog() is False
+    assert caplog.records == []
+
+
+def test_vanished_socket_warns_once_and_never_raises(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = tempfile.mkdtemp(prefix="stoqd-notify-")
+    path = os.path.join(directory, "gone.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    with caplog.at_level(logging.WARNING, logger="stoqd.notify"):
+        assert notify.ready() is False
+        assert notify.watchdog() is False
+        assert notify.stopping() is False
+    os.rmdir(directory)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"cannot notify systemd at {path}: ")
+
+
+def test_socket_coming_back_is_used_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    directory = tempfile.mkdtemp(prefix="stoqd-notify-")
+    path = os.path.join(directory, "late.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    assert notify.watchdog() is False
+    late = Listener(path, path)
+    try:
+        assert notify.watchdog() is True
+        assert late.recv() == "WATCHDOG=1"
+    finally:
+        late.sock.close()
+        notify.default().close()
+        os.unlink(path)
+        os.rmdir(directory)
+
+
+def test_relative_socket_value_is_refused_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", "relative/notify.sock")
+    with caplog.at_level(logging.WARNING, logger="stoqd.notify"):
+        assert notify.ready() is False
+        assert notify.ready() is False
+    assert [r.getMessage() for r in caplog.records] == [
+        "NOTIFY_SOCKET='relative/notify.sock' is not a path or @name; notifications are off"
+    ]
+
+
+def test_messages_from_the_daemon_only(listener: Listener) -> None:
+    """Nothing is sent that the caller did not ask for."""
+    notify.status("idle")
+    assert listener.recv() == "STATUS=idle"
+    assert listener.nothing_pending()
+
+
+@pytest.mark.parametrize(
+    ("usec", "pid", "expected"),
+    [
+        ("20000000", None, 20.0),
+        ("20000000", "self", 20.0),
+        ("20000000", "1", None),  # meant for another process (we inherited it)
+        ("0", None, None),
+        ("junk", None, None),
+        (None, None, None),
+    ],
+)
+def test_watchdog_interval(
+    monkeypatch: pytest.MonkeyPatch, usec: str | None, pid: str | None, expected: float | None
+) -> None:
+    for name, value in (("WATCHDOG_USEC", usec), ("WATCHDOG_PID", pid)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, str(os.getpid()) if value == "self" else value)
+    assert notify.watchdog_interval() == expected
+    assert notify.watchdog_ping_interval() == (None if expected is None else expected / 2)
