@@ -1,0 +1,296 @@
+"""An optional Prometheus endpoint, built from the daemon's status snapshot at scrape time.
+
+Off by default; ``[stoqd] metrics_address = 127.0.0.1:9464`` turns it on. The supervisor
+calls :func:`start_metrics_server` with a function returning its status snapshot (the
+same dict ``stoqctl status --json`` prints); a collector turns that dict into metric
+families on each scrape, so nothing is counted twice and no process but the supervisor
+is involved. The HTTP server runs in a daemon thread on a private registry, so the
+``snapshot`` callable must be safe to call from another thread (return a copy).
+
+The parts of the snapshot read here (missing keys are left out of the exposition)::
+
+    {"daemon": {"version": str, "uptime": float},
+     "providers": [{"name", "state", "restarts", "put", "saved", "failed"}],
+     "workers": [{"id", "payloads", "recycles", "kills"}],
+     "queue": {"depth": int, "in_flight": int},
+     "scan_seconds": {PLUGIN: {"buckets": [upper bounds], "counts": [per bucket],
+                               "sum": float, "count": int}}}
+
+``counts`` are per bucket, not cumulative; ``count`` includes observations above the last
+bound. :class:`ScanHistogram` keeps exactly that shape.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+from prometheus_client import start_http_server
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from .states import State
+
+log = logging.getLogger("stoqd.metrics")
+
+Snapshot = Mapping[str, Any]
+
+# Seconds; a scan is usually milliseconds, a big archive or yara rule set can take minutes.
+DEFAULT_BUCKETS: Tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 300.0,
+)  # fmt: skip
+
+_PROVIDER_COUNTERS = (
+    ("restarts", "stoqd_provider_restarts", "Times the provider process was restarted."),
+    ("put", "stoqd_provider_items_put", "Items the provider put on the work queue."),
+    ("saved", "stoqd_provider_items_saved", "Items of the provider whose results were saved."),
+    ("failed", "stoqd_provider_items_failed", "Items of the provider that failed."),
+)
+_WORKER_COUNTERS = (
+    ("payloads", "stoqd_worker_payloads", "Payloads the worker slot has scanned."),
+    ("recycles", "stoqd_worker_recycles", "Times the worker slot was recycled (payloads, RSS)."),
+    ("kills", "stoqd_worker_kills", "Times the worker slot was killed (scan timeout, death)."),
+)
+
+
+@dataclass
+class ScanHistogram:
+    """Scan durations of one worker plugin, in the snapshot's ``scan_seconds`` shape."""
+
+    buckets: Sequence[float] = DEFAULT_BUCKETS
+    counts: List[int] = field(default_factory=list)
+    sum: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * len(self.buckets)
+
+    def observe(self, seconds: float) -> None:
+        """Record one scan of ``seconds``."""
+        index = bisect.bisect_left(self.buckets, seconds)  # upper bounds are inclusive
+        if index < len(self.counts):
+            self.counts[index] += 1
+        self.sum += seconds
+        self.count += 1
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The JSON-safe form the status snapshot carries."""
+        return {
+            "buckets": list(self.buckets),
+            "counts": list(self.counts),
+            "sum": self.sum,
+            "count": self.count,
+        }
+
+
+def _number(value: Any) -> Optional[float]:
+    """A finite number from the snapshot, or None (bools and junk are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _records(snapshot: Snapshot, key: str) -> List[Mapping[str, Any]]:
+    value = snapshot.get(key)
+    if not isinstance(value, list):
+        return []
+    return [item for item in value if isinstance(item, Mapping)]
+
+
+class SnapshotCollector(Collector):
+    """Turns the status snapshot into metric families each time Prometheus scrapes."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self._snapshot = snapshot
+        self._warned = False
+
+    def collect(self) -> Iterator[Metric]:
+        ok = GaugeMetricFamily(
+            "stoqd_snapshot_success", "1 if the daemon's status snapshot could be read."
+        )
+        try:
+            snapshot = self._snapshot()
+        except Exception as exc:  # a scrape must never take the daemon down
+            if not self._warned:
+                self._warned = True
+                log.warning("metrics: cannot read the status snapshot: %s", exc)
+            ok.add_metric([], 0)
+            yield ok
+            return
+        ok.add_metric([], 1)
+        yield ok
+        yield from self._daemon(snapshot)
+        yield from self._providers(_records(snapshot, "providers"))
+        yield from self._queue(snapshot.get("queue"))
+        yield from self._workers(_records(snapshot, "workers"))
+        yield from self._scans(snapshot.get("scan_seconds"))
+
+    def _daemon(self, snapshot: Snapshot) -> Iterator[Metric]:
+        daemon = snapshot.get("daemon")
+        if not isinstance(daemon, Mapping):
+            return
+        if isinstance(daemon.get("version"), str):
+            info = GaugeMetricFamily("stoqd_info", "stoqd's version.", labels=["version"])
+            info.add_metric([daemon["version"]], 1)
+            yield info
+        uptime = _number(daemon.get("uptime"))
+        if uptime is not None:
+            yield GaugeMetricFamily(
+                "stoqd_uptime_seconds", "Seconds since the daemon started.", value=uptime
+            )
+
+    def _providers(self, providers: List[Mapping[str, Any]]) -> Iterator[Metric]:
+        named = [p for p in providers if isinstance(p.get("name"), str)]
+        state = GaugeMetricFamily(
+            "stoqd_provider_state",
+            "1 for the provider's current lifecycle state, 0 for the others.",
+            labels=["provider", "state"],
+        )
+        known = [s.value for s in State]
+        for provider in named:
+            current = str(provider.get("state", ""))
+            # A state this module does not know yet still shows, rather than vanishing.
+            names = known if current in known or not current else [*known, current]
+            for name in names:
+                state.add_metric([provider["name"], name], 1 if name == current else 0)
+        yield state
+        for key, metric, doc in _PROVIDER_COUNTERS:
+            family = CounterMetricFamily(metric, doc, labels=["provider"])
+            for provider in named:
+                value = _number(provider.get(key))
+                if value is not None:
+                    family.add_metric([provider["name"]], value)
+            yield family
+
+    def _queue(self, queue: Any) -> Iterator[Metric]:
+        if not isinstance(queue, Mapping):
+            return
+        for key, metric, doc in (
+            ("depth", "stoqd_queue_depth", "Items waiting on the work queue."),
+            ("in_flight", "stoqd_queue_in_flight", "Items a worker is scanning now."),
+        ):
+            value = _number(queue.get(key))
+            if value is not None:
+                yield GaugeMetricFamily(metric, doc, value=value)
+
+    def _workers(self, workers: List[Mapping[str, Any]]) -> Iterator[Metric]:
+        yield GaugeMetricFamily("stoqd_workers", "Scanning worker slots.", value=len(workers))
+        for key, metric, doc in _WORKER_COUNTERS:
+            family = CounterMetricFamily(metric, doc, labels=["worker"])
+            for worker in workers:
+                value = _number(worker.get(key))
+                if value is not None and worker.get("id") is not None:
+                    family.add_metric([str(worker["id"])], value)
+            yield family
+
+    def _scans(self, scans: Any) -> Iterator[Metric]:
+        family = HistogramMetricFamily(
+            "stoqd_scan_duration_seconds",
+            "Seconds one worker plugin took to scan one payload.",
+            labels=["plugin"],
+        )
+        if isinstance(scans, Mapping):
+            for plugin, histogram in sorted(scans.items()):
+                buckets = _cumulative(histogram)
+                if buckets is not None:
+                    family.add_metric([str(plugin)], buckets, float(histogram["sum"]))
+        yield family
+
+
+def _cumulative(histogram: Any) -> Optional[List[Tuple[str, float]]]:
+    """Prometheus' cumulative ``le`` buckets from per-bucket counts, or None if malformed."""
+    if not isinstance(histogram, Mapping):
+        return None
+    bounds, counts = histogram.get("buckets"), histogram.get("counts")
+    total, total_sum = _number(histogram.get("count")), _number(histogram.get("sum"))
+    if not isinstance(bounds, list) or not isinstance(counts, list) or len(bounds) != len(counts):
+        return None
+    if total is None or total_sum is None:
+        return None
+    pairs: List[Tuple[str, float]] = []
+    running = previous = 0.0
+    for bound, count in zip(bounds, counts, strict=True):
+        upper, number = _number(bound), _number(count)
+        if upper is None or number is None or (pairs and upper <= previous):
+            return None  # Prometheus rejects unsorted bounds: leave the plugin out
+        previous = upper
+        running += number
+        pairs.append((_le(upper), running))
+    pairs.append(("+Inf", max(total, running)))
+    return pairs
+
+
+def _le(bound: float) -> str:
+    # The same spelling prometheus_client's own histograms use: le="1.0", le="0.005".
+    return floatToGoString(bound)
+
+
+def parse_address(address: str) -> Tuple[str, int]:
+    """``host:port`` (``[v6]:port``; ``:port`` for every interface) to ``(host, port)``."""
+    host, sep, port_text = address.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(
+            f"metrics_address {address!r}: expected host:port, for example 127.0.0.1:9464"
+        )
+    return host or "0.0.0.0", int(port_text)
+
+
+class MetricsServer:
+    """The running endpoint; :meth:`close` stops it and frees the port."""
+
+    def __init__(self, server: Any, thread: threading.Thread) -> None:
+        self._server = server
+        self._thread = thread
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        """The bound ``(host, port)`` (useful when the port was 0)."""
+        host, port = self._server.server_address[:2]
+        return host, port
+
+    def close(self) -> None:
+        """Stop serving and wait for the server thread."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class MetricsError(Exception):
+    """The endpoint could not be started (bad address, port in use)."""
+
+
+def start_metrics_server(address: str, snapshot: Callable[[], Snapshot]) -> MetricsServer:
+    """Serve ``/metrics`` on ``address`` from a daemon thread of this process."""
+    try:
+        host, port = parse_address(address)
+    except ValueError as exc:
+        raise MetricsError(str(exc)) from None
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(snapshot))
+    try:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise MetricsError(f"metrics_address {address!r}: cannot listen: {exc}") from None
+    log.info("metrics endpoint listening on http://%s/metrics", address)
+    return MetricsServer(server, thread)
