@@ -72,6 +72,24 @@ class Stoq(PluginSource):
         for name, opts in (plugin_opts or {}).items():
             self.plugin_opts.setdefault(name, {}).update(opts)
         self._loaded: Dict[str, BasePlugin] = {}
+        self._extra_dirs = [str(d) for d in plugin_dir_list or []]
+        self.last_timings: Dict[str, float] = {}
+
+    def spec(self) -> Dict[str, Any]:
+        """What a child process needs to build the same ``Stoq`` (see ``from_spec``)."""
+        return {
+            "config": self.config,
+            "plugin_dir_list": self._extra_dirs,
+            "plugin_opts": self.plugin_opts,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: Dict[str, Any]) -> "Stoq":
+        return cls(
+            config=spec["config"],
+            plugin_dir_list=spec["plugin_dir_list"],
+            plugin_opts=spec["plugin_opts"],
+        )
 
     # -- plugins --------------------------------------------------------------------
 
@@ -133,7 +151,9 @@ class Stoq(PluginSource):
             decorators=list(self.core("decorators")),
             request_meta=request_meta or RequestMeta(),
         )
-        return scan.run(payload, list(add_start_dispatch or []))
+        response = scan.run(payload, list(add_start_dispatch or []))
+        self.last_timings = scan.timings
+        return response
 
     def save(self, response: StoqResponse) -> List[str]:
         """Save through every connector; returns one line per failure (also logged)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, DefaultDict, Dict, List, Optional, Set, Tuple, TypeVar
@@ -81,6 +82,7 @@ class Scan:
         self.decorators = decorators
         self.request_meta = request_meta
         self.errors: DefaultDict[str, List[str]] = new_errors()
+        self.timings: Dict[str, float] = {}  # plugin name -> seconds spent in it
         self._seen: Set[str] = set()
 
     # -- plumbing -------------------------------------------------------------------
@@ -89,12 +91,15 @@ class Scan:
         self, name: str, call: Callable[[], Any], expected: Tuple[type, ...]
     ) -> Optional[Any]:
         """Run one plugin call; an exception or a wrong return type becomes an error."""
+        started = time.perf_counter()
         try:
             result = call()
         except Exception as exc:  # plugin code: anything may come out of it
             log.debug("plugin %s raised", name, exc_info=True)
             self.errors[name].append(_one_line(exc))
             return None
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
         if result is not None and not isinstance(result, expected):
             wanted = " or ".join(t.__name__ for t in expected)
             self.errors[name].append(

@@ -1,0 +1,142 @@
+"""Handles the supervisor keeps for its children, and the items in its queue.
+
+A handle holds what the supervisor knows about one child: its process, its channel,
+its lifecycle state and counters. Handles do no I/O of their own beyond spawning and
+signalling; the supervisor loop decides when.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.context import BaseContext
+from typing import Any, Callable, Deque, Dict, Optional
+
+from .states import State
+from .wire import Channel
+
+
+@dataclass
+class Item:
+    """One unit of work between its provider and its result."""
+
+    seq: int  # the supervisor's own number for it
+    provider: str
+    generation: int  # which run of the provider put it; completions go only to that run
+    item_id: int  # the provider's number for it
+    header: Dict[str, Any]
+    body: bytes
+    attempts: int = 0  # workers that died while scanning it
+    fail: Optional[str] = None  # set: record this failure instead of scanning
+
+    def frame(self) -> Dict[str, Any]:
+        header = dict(self.header, t="item", seq=self.seq)
+        if self.fail is not None:
+            header["fail"] = self.fail
+        return header
+
+
+class Child:
+    """A process with a private socketpair to the supervisor."""
+
+    def __init__(self) -> None:
+        self.process: Any = None
+        self.channel: Optional[Channel] = None
+        self.started_at = 0.0
+
+    def spawn(self, ctx: BaseContext, target: Callable[..., None], *args: Any) -> Channel:
+        ours, theirs = socket.socketpair()
+        self.process = ctx.Process(target=target, args=(*args[:1], theirs, *args[1:]), daemon=False)
+        self.process.start()
+        theirs.close()
+        self.channel = Channel(ours)
+        self.started_at = time.monotonic()
+        return self.channel
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.process.pid if self.process is not None else None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.exitcode is None
+
+    def signal(self, signum: int) -> None:
+        if self.alive():
+            try:
+                os.kill(self.process.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    def reap(self) -> Optional[int]:
+        """Collect the exit status of a dead process; close its channel."""
+        self.process.join(timeout=0)
+        code = self.process.exitcode
+        if self.channel is not None:
+            self.channel.close()
+        return code  # type: ignore[no-any-return]
+
+
+@dataclass
+class ProviderHandle(Child):
+    name: str = ""
+    settings: Dict[str, Any] = field(default_factory=dict)
+    state: State = State.STOPPED
+    generation: int = 0
+    failures: int = 0  # failed starts in a row
+    restarts: int = 0
+    ready_at: Optional[float] = None
+    next_retry: Optional[float] = None
+    last_error: Optional[str] = None
+    put: int = 0
+    saved: int = 0
+    failed: int = 0
+    credits: int = 0  # granted and not yet spent
+    queued: int = 0  # its items waiting in the supervisor's queue
+    stats: Dict[str, Any] = field(default_factory=dict)
+    restart_requested: bool = False
+
+    def __post_init__(self) -> None:
+        Child.__init__(self)
+
+
+@dataclass
+class WorkerHandle(Child):
+    wid: int = 0
+    ready: bool = False
+    retiring: bool = False
+    config_generation: int = 0
+    assigned: Deque[int] = field(default_factory=deque)  # item seqs, head being scanned
+    current_since: float = 0.0
+    payloads: int = 0
+    rss: int = 0
+    killed_for: Optional[str] = None  # why the supervisor killed it, if it did
+
+    def __post_init__(self) -> None:
+        Child.__init__(self)
+
+
+def describe_exit(code: Optional[int]) -> str:
+    if code is None:
+        return "running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit {code}"
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` from /proc (0 when unknown)."""
+    try:
+        with open(f"/proc/{pid}/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

@@ -1,0 +1,112 @@
+"""The control socket, served from the supervisor's own loop (no threads).
+
+The socket is created with mode 0600 (0660 and the configured group when one is set),
+so only its owner can stop providers or shut the daemon down. A socket file left by a
+crashed run is detected (nothing answers on it) and replaced; a live one is refused.
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import os
+import socket
+from typing import Any, Callable, Dict, Optional
+
+from .protocol import MAX_REQUEST, ControlError, decode_request, encode
+
+Handler = Callable[[Dict[str, Any]], Dict[str, Any]]
+
+
+class SocketInUse(Exception):
+    pass
+
+
+def _remove_stale(path: str) -> None:
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            os.unlink(path)  # left behind by a run that did not exit cleanly
+            return
+        raise
+    finally:
+        probe.close()
+    raise SocketInUse(f"control socket {path} is in use by a running stoqd")
+
+
+def listen(path: str, group: str = "") -> socket.socket:
+    """Bind the control socket at ``path`` with owner-only (or group) permissions."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    _remove_stale(path)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # never world- or group-writable, even for an instant
+    try:
+        server.bind(path)
+    finally:
+        os.umask(old_umask)
+    if group:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        os.chmod(path, 0o660)
+    server.listen(16)
+    server.setblocking(False)
+    return server
+
+
+class Connection:
+    """One client: read a request line, answer it, close."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.buffer = bytearray()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def read(self, handle: Handler) -> bool:
+        """Returns True when the connection is finished (answered or dropped)."""
+        try:
+            data = self.sock.recv(MAX_REQUEST)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        if not data:
+            return True
+        self.buffer += data
+        if b"\n" not in self.buffer and len(self.buffer) < MAX_REQUEST:
+            return False
+        line = bytes(self.buffer.split(b"\n", 1)[0])
+        self._answer(self._dispatch(line, handle))
+        return True
+
+    @staticmethod
+    def _dispatch(line: bytes, handle: Handler) -> Dict[str, Any]:
+        try:
+            return {"ok": True, **handle(decode_request(line))}
+        except ControlError as exc:
+            return {"ok": False, "error": str(exc)}
+
+    def _answer(self, response: Dict[str, Any]) -> None:
+        # Answers are small; a client that does not read them within a second is dropped.
+        self.sock.setblocking(True)
+        self.sock.settimeout(1.0)
+        try:
+            self.sock.sendall(encode(response))
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def accept(server: socket.socket) -> Optional[Connection]:
+    try:
+        sock, _ = server.accept()
+    except (BlockingIOError, InterruptedError):
+        return None
+    return Connection(sock)

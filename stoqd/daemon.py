@@ -1,0 +1,77 @@
+"""Running the daemon: checks that must pass before any child starts, then the loop."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any, List, Optional
+
+from . import logs
+from .config import EX_CONFIG, ConfigError
+from .control.server import SocketInUse
+from .framework.data import RequestMeta
+from .framework.exceptions import StoqPluginException
+
+if TYPE_CHECKING:
+    from .framework.core import Stoq
+
+EX_UNAVAILABLE = 69
+
+
+def _error(message: str) -> None:
+    logs.get().error("config_error", error=message)
+    print(message, file=sys.stderr)
+
+
+def run_daemon(
+    stoq: "Stoq",
+    request_meta: Optional[RequestMeta] = None,
+    add_start_dispatch: Optional[List[str]] = None,
+) -> int:
+    """Supervise ``stoq``'s providers until all are exhausted or we are told to stop.
+
+    Returns the process exit code: 0 when every provider was exhausted (or the daemon
+    was stopped), 1 when one was FATAL, 78 for a configuration problem.
+    """
+    core = stoq.config.values["core"]
+    logs.setup("supervisor", core["log_level"], core["log_syntax"])
+    for line in stoq.config.ignored:
+        logs.get().warning("config_ignored", detail=line)
+    try:
+        stoq.check()
+        if not stoq.core("providers"):
+            where = stoq.config.path or "the configuration"
+            raise ConfigError([f"{where}: [core] providers: no provider configured"])
+        # Build every scan plugin once here, so a broken one stops us before any child.
+        stoq.load_scan_plugins()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            _error(problem)
+        return EX_CONFIG
+    except StoqPluginException as exc:
+        _error(str(exc))
+        return EX_CONFIG
+    from .supervisor import Supervisor
+
+    meta: Optional[dict[str, Any]] = None
+    if request_meta is not None:
+        meta = {
+            "archive_payloads": request_meta.archive_payloads,
+            "source": request_meta.source,
+            "extra_data": request_meta.extra_data,
+        }
+    supervisor = Supervisor(stoq, request_meta=meta, add_start_dispatch=add_start_dispatch)
+    _attach_hooks(supervisor)
+    try:
+        return supervisor.run()
+    except SocketInUse as exc:
+        _error(str(exc))
+        return EX_UNAVAILABLE
+
+
+def _attach_hooks(supervisor: Any) -> None:
+    """systemd notify and metrics, when those modules are present and configured."""
+    try:
+        from .hooks import attach
+    except ImportError:
+        return
+    attach(supervisor)

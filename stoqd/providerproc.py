@@ -1,0 +1,65 @@
+"""A provider's child process: load the plugin, run ``ingest(queue)``, relay completions.
+
+Exit codes tell the supervisor what happened: 0 the source is exhausted (``ingest``
+returned and every item it put has been reported back), ``EXIT_BOOT`` the plugin could
+not be loaded, anything else a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+from typing import Any, Dict
+
+from . import childproc, logs
+from .framework.core import Stoq
+from .framework.plugins import ProviderPlugin
+from .wire import Endpoint
+from .workqueue import ProviderQueue
+
+
+def _read_supervisor(endpoint: Endpoint, queue: ProviderQueue) -> None:
+    log = logs.get()
+    while True:
+        message = endpoint.receive()
+        if message is None:  # the supervisor is gone: nobody can scan what we put
+            os._exit(1)
+        try:
+            queue.on_message(message[0])
+        except Exception as exc:  # a provider's done callback failed
+            log.error("done_callback_failed", error=childproc.one_line(exc))
+
+
+def provider_main(name: str, sock: socket.socket, spec: Dict[str, Any], settings: Dict[str, Any]) -> None:
+    childproc.prepare(f"provider:{name}", settings)
+    log = logs.get()
+    endpoint = Endpoint(sock)
+    try:
+        plugin = Stoq.from_spec(spec).load_plugin(name)
+        if not isinstance(plugin, ProviderPlugin):
+            raise TypeError(f"plugin {name} is not a ProviderPlugin")
+    except Exception as exc:  # whatever a plugin's import or __init__ raises
+        error = childproc.one_line(exc)
+        log.error("boot_failed", provider=name, error=error)
+        endpoint.send({"t": "boot_failed", "error": error})
+        sys.exit(childproc.EXIT_BOOT)
+    queue = ProviderQueue(endpoint, settings["inline_max_bytes"], settings["spool_dir"])
+    threading.Thread(
+        target=_read_supervisor, args=(endpoint, queue), name="stoqd-completions", daemon=True
+    ).start()
+    endpoint.send({"t": "ready"})
+    try:
+        plugin.ingest(queue)
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        error = childproc.one_line(exc)
+        log.error("ingest_failed", provider=name, error=error, exc_info=True)
+        endpoint.send({"t": "crashed", "error": error})
+        sys.exit(1)
+    if not queue.stopping.is_set():
+        endpoint.send({"t": "exhausted", "put": queue.put_count})
+    # Completion callbacks (acks, file moves) still have to run for what was put.
+    queue.wait_idle()

@@ -1,0 +1,686 @@
+"""The supervisor: one loop that owns every child, the work queue and the control socket.
+
+Each turn of the loop waits on every child's socket and exit sentinel, the control
+socket and a signal wake-up fd; then it handles what arrived, restarts providers whose
+backoff has elapsed, enforces scan time limits, hands queued items to idle workers and
+returns queue credits to providers. Signal handlers only record the signal.
+
+Items flow provider -> supervisor queue -> worker -> supervisor -> provider (outcome).
+The supervisor never blocks on a child: child sockets are non-blocking with buffers.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import selectors
+import shutil
+import signal
+import socket
+import time
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional
+
+from . import backoff, config as configuration, logs
+from .children import Item, ProviderHandle, WorkerHandle, describe_exit, rss_bytes
+from .childproc import EXIT_BOOT
+from .control import server as control_server
+from .control.protocol import ControlError
+from .framework.core import Stoq
+from .providerproc import provider_main
+from .states import FINISHED, Event, State, next_state
+from .wire import Channel, Message
+from .workers import worker_main
+from .workqueue import FAILED, NOT_DONE, SAVED, new_spool_dir
+
+PREFETCH = 2  # items a worker holds: one scanning, one ready, so it never waits on us
+RSS_CHECK_EVERY = 5.0
+HISTOGRAM_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 300.0)
+
+log = logs.get("stoqd.supervisor")
+
+
+class Supervisor:
+    def __init__(
+        self,
+        stoq: Stoq,
+        request_meta: Optional[Dict[str, Any]] = None,
+        add_start_dispatch: Optional[List[str]] = None,
+    ) -> None:
+        self.stoq = stoq
+        self.config = stoq.config
+        self.spec = stoq.spec()
+        self.request_meta = request_meta
+        self.add_start_dispatch = list(add_start_dispatch or [])
+        # forkserver: children start from a clean single-threaded server process, so
+        # gRPC and pika clients created in a child are safe; Python 3.14 changes the
+        # platform default, so it is chosen explicitly.
+        self.ctx = multiprocessing.get_context("forkserver")
+        self.ctx.set_forkserver_preload(["stoqd.providerproc", "stoqd.workers"])
+        self.selector = selectors.DefaultSelector()
+        self.providers: Dict[str, ProviderHandle] = {}
+        self.workers: Dict[int, WorkerHandle] = {}
+        self.queue: Deque[int] = deque()
+        self.items: Dict[int, Item] = {}
+        self.next_seq = 0
+        self.next_wid = 0
+        self.config_generation = 0
+        self.signals: Deque[int] = deque()
+        self.stopping_since: Optional[float] = None
+        self.exit_code = 0
+        self.started = time.monotonic()
+        self.counters = {"worker_recycles": 0, "worker_kills": 0, "timeouts": 0,
+                         "quarantined": 0, "worker_deaths": 0}  # fmt: skip
+        self.scan_seconds: Dict[str, Dict[str, Any]] = {}
+        self.last_rss_check = 0.0
+        self.hooks: List[Any] = []  # objects with on_ready/on_tick/on_stopping/on_reload
+        self.ready_sent = False
+        self._apply_settings()
+
+    # -- settings ---------------------------------------------------------------------
+
+    def _apply_settings(self) -> None:
+        values = self.config.values
+        self.max_queue = max(1, values["core"]["max_queue"])
+        self.n_workers = self.config.workers()
+        self.daemon = dict(values["stoqd"])
+        self.spool_dir = getattr(self, "spool_dir", None) or new_spool_dir(self.daemon["spool_dir"])
+        self.child_settings = {
+            "log_level": values["core"]["log_level"],
+            "log_syntax": values["core"]["log_syntax"],
+            "inline_max_bytes": self.daemon["inline_max_bytes"],
+            "spool_dir": self.spool_dir,
+            "request_meta": self.request_meta,
+            "add_start_dispatch": self.add_start_dispatch,
+        }
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def run(self) -> int:
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(signum, self._record_signal)
+        self.selector.register(wake_r, selectors.EVENT_READ, lambda _: _drain(wake_r))
+        path = str(self.config.resolve_path(self.daemon["control_socket"]))
+        self.control = control_server.listen(path, self.daemon["control_group"])
+        self.control_path = path
+        self.selector.register(self.control, selectors.EVENT_READ, self._on_control_accept)
+        log.info("starting", pid=os.getpid(), workers=self.n_workers,
+                 providers=list(self.stoq.core("providers")), control_socket=path)  # fmt: skip
+        try:
+            for _ in range(self.n_workers):
+                self._spawn_worker()
+            for name in self.stoq.core("providers"):
+                handle = ProviderHandle(name=name, settings=self.config.supervision(name))
+                self.providers[name] = handle
+                if handle.settings["autostart"]:
+                    self._start_provider(handle)
+            self._loop()
+        finally:
+            self._cleanup(path)
+            signal.set_wakeup_fd(-1)
+        log.info("exited", exit=self.exit_code)
+        return self.exit_code
+
+    def _loop(self) -> None:
+        while True:
+            for key, mask in self.selector.select(self._timeout()):
+                key.data(mask)
+            now = time.monotonic()
+            self._handle_signals()
+            self._restart_due(now)
+            self._enforce_time_limits(now)
+            self._recycle_workers(now)
+            self._dispatch(now)
+            self._refill_credits()
+            self._update_write_interest()
+            for hook in self.hooks:
+                hook.on_tick(self)
+            if not self.ready_sent and self._all_up():
+                self.ready_sent = True
+                log.info("ready", workers=len(self.workers), providers=len(self.providers))
+                for hook in self.hooks:
+                    hook.on_ready(self)
+            if self._finished(now):
+                return
+
+    def _timeout(self) -> float:
+        deadlines = [p.next_retry for p in self.providers.values() if p.next_retry]
+        deadlines += [w.current_since + self.daemon["scan_timeout"]
+                      for w in self.workers.values() if w.assigned]  # fmt: skip
+        timeout = 1.0
+        if deadlines:
+            timeout = min(timeout, max(0.0, min(deadlines) - time.monotonic()))
+        return timeout
+
+    def _all_up(self) -> bool:
+        workers_up = all(w.ready for w in self.workers.values())
+        providers_up = all(p.state is not State.STARTING for p in self.providers.values())
+        return workers_up and providers_up
+
+    # -- signals ----------------------------------------------------------------------
+
+    def _record_signal(self, signum: int, frame: Any) -> None:
+        self.signals.append(signum)  # nothing else here: the loop acts on it
+
+    def _handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.popleft()
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self.begin_shutdown(f"signal {signal.Signals(signum).name}")
+            elif signum == signal.SIGHUP:
+                self.reload()
+
+    # -- providers --------------------------------------------------------------------
+
+    def _start_provider(self, handle: ProviderHandle) -> None:
+        handle.generation += 1
+        handle.state = next_state(handle.state, Event.START)
+        handle.next_retry = None
+        handle.ready_at = None
+        handle.credits = 0
+        channel = handle.spawn(
+            self.ctx, provider_main, handle.name, self.spec, self.child_settings
+        )
+        self.selector.register(channel, selectors.EVENT_READ,
+                               lambda _, h=handle: self._on_provider_readable(h))  # fmt: skip
+        self.selector.register(handle.process.sentinel, selectors.EVENT_READ,
+                               lambda _, h=handle: self._on_provider_exit(h))  # fmt: skip
+        log.info("spawned", provider=handle.name, child_pid=handle.pid,
+                 generation=handle.generation)  # fmt: skip
+
+    def _on_provider_readable(self, handle: ProviderHandle) -> None:
+        assert handle.channel is not None
+        messages = handle.channel.receive()
+        if messages is None:
+            self._unregister(handle.channel)
+            return
+        for header, body in messages:
+            self._on_provider_message(handle, header, body)
+
+    def _on_provider_message(self, handle: ProviderHandle, header: Dict[str, Any], body: bytes) -> None:
+        kind = header.get("t")
+        if kind == "item":
+            self._enqueue(handle, header, body)
+        elif kind == "ready":
+            handle.state = next_state(handle.state, Event.READY)
+            handle.ready_at = time.monotonic()
+            log.info("running", provider=handle.name, child_pid=handle.pid)
+        elif kind == "stats":
+            handle.stats = dict(header.get("stats") or {})
+        elif kind == "exhausted":
+            if handle.state in (State.STARTING, State.RUNNING):
+                handle.state = next_state(handle.state, Event.RETURNED)
+                log.info("exhausted", provider=handle.name, put=handle.put)
+        elif kind in ("boot_failed", "crashed"):
+            handle.last_error = str(header.get("error"))
+
+    def _enqueue(self, handle: ProviderHandle, header: Dict[str, Any], body: bytes) -> None:
+        self.next_seq += 1
+        item_id = int(header.pop("id"))
+        header.pop("t", None)
+        item = Item(self.next_seq, handle.name, handle.generation, item_id, header, body)
+        self.items[item.seq] = item
+        self.queue.append(item.seq)
+        handle.credits = max(0, handle.credits - 1)
+        handle.queued += 1
+        handle.put += 1
+
+    def _on_provider_exit(self, handle: ProviderHandle) -> None:
+        self.selector.unregister(handle.process.sentinel)
+        if handle.channel is not None and not handle.channel.closed:
+            self._on_provider_readable(handle)  # what it said before dying still counts
+            self._unregister(handle.channel)
+        code = handle.reap()
+        now = time.monotonic()
+        how = describe_exit(code)
+        if handle.state is State.STOPPING:
+            handle.state = next_state(handle.state, Event.EXITED)
+            log.info("stopped", provider=handle.name, exit=how)
+            if handle.restart_requested and self.stopping_since is None:
+                handle.restart_requested = False
+                handle.restarts += 1
+                self._start_provider(handle)
+        elif handle.state is State.EXHAUSTED:
+            log.info("exited", provider=handle.name, exit=how, reason="exhausted")
+        elif code == EXIT_BOOT:
+            handle.state = next_state(handle.state, Event.BOOT_FAILED)
+            log.error("fatal", provider=handle.name, error=handle.last_error,
+                      reason="cannot load the plugin")  # fmt: skip
+        elif code == 0:
+            handle.state = next_state(handle.state, Event.RETURNED)
+            log.info("exhausted", provider=handle.name, put=handle.put)
+        else:
+            self._provider_crashed(handle, how, now)
+
+    def _provider_crashed(self, handle: ProviderHandle, how: str, now: float) -> None:
+        settings = handle.settings
+        stayed_up = handle.ready_at is not None and now - handle.ready_at >= settings["startsecs"]
+        handle.failures = 1 if stayed_up else handle.failures + 1
+        handle.last_error = handle.last_error or how
+        handle.state = next_state(handle.state, Event.CRASHED, failures=handle.failures,
+                                  startretries=settings["startretries"])  # fmt: skip
+        if handle.state is State.FATAL:
+            log.error("fatal", provider=handle.name, exit=how, failures=handle.failures,
+                      error=handle.last_error)  # fmt: skip
+            return
+        handle.next_retry = backoff.retry_at(now, handle.failures, settings["backoff_initial"],
+                                             settings["backoff_max"])  # fmt: skip
+        log.warning("backoff", provider=handle.name, exit=how, error=handle.last_error,
+                    retry_in=round(handle.next_retry - now, 3))  # fmt: skip
+
+    def _restart_due(self, now: float) -> None:
+        for handle in self.providers.values():
+            if handle.state is State.RUNNING and handle.failures and handle.ready_at is not None:
+                if now - handle.ready_at >= handle.settings["startsecs"]:
+                    handle.failures = 0  # it stayed up: past failures are forgiven
+            if handle.state is State.BACKOFF and handle.next_retry is not None:
+                if now >= handle.next_retry and self.stopping_since is None:
+                    handle.restarts += 1
+                    handle.last_error = None
+                    self._start_provider(handle)
+
+    def _refill_credits(self) -> None:
+        if self.stopping_since is not None:
+            return
+        share = max(1, self.max_queue // max(1, len(self.providers)))
+        for handle in self.providers.values():
+            if handle.channel is None or handle.channel.closed:
+                continue
+            if handle.state not in (State.STARTING, State.RUNNING):
+                continue
+            want = share - handle.queued - handle.credits
+            # Credits go back in batches, not one message per item.
+            if want >= max(1, share // 4) or (want > 0 and handle.queued + handle.credits == 0):
+                handle.credits += want
+                handle.channel.send({"t": "credit", "n": want})
+
+    # -- workers ----------------------------------------------------------------------
+
+    def _spawn_worker(self) -> WorkerHandle:
+        self.next_wid += 1
+        worker = WorkerHandle(wid=self.next_wid, config_generation=self.config_generation)
+        channel = worker.spawn(self.ctx, worker_main, worker.wid, self.spec, self.child_settings)
+        self.workers[worker.wid] = worker
+        self.selector.register(channel, selectors.EVENT_READ,
+                               lambda _, w=worker: self._on_worker_readable(w))  # fmt: skip
+        self.selector.register(worker.process.sentinel, selectors.EVENT_READ,
+                               lambda _, w=worker: self._on_worker_exit(w))  # fmt: skip
+        log.info("spawned", worker=worker.wid, child_pid=worker.pid)
+        return worker
+
+    def _on_worker_readable(self, worker: WorkerHandle) -> None:
+        assert worker.channel is not None
+        messages = worker.channel.receive()
+        if messages is None:
+            self._unregister(worker.channel)
+            return
+        for header, _body in messages:
+            self._on_worker_message(worker, header)
+
+    def _on_worker_message(self, worker: WorkerHandle, header: Dict[str, Any]) -> None:
+        kind = header.get("t")
+        if kind == "ready":
+            worker.ready = True
+            log.info("running", worker=worker.wid, child_pid=worker.pid)
+        elif kind == "result":
+            seq = int(header["seq"])
+            if worker.assigned and worker.assigned[0] == seq:
+                worker.assigned.popleft()
+            worker.current_since = time.monotonic()
+            worker.payloads += 1
+            self._record_timings(header.get("timings") or {})
+            item = self.items.pop(seq, None)
+            if item is not None:
+                self._finish(item, header["status"], header.get("error"), header.get("scan_id"))
+        elif kind == "boot_failed":
+            log.error("fatal", worker=worker.wid, error=header.get("error"))
+            self.exit_code = EXIT_BOOT
+            self.begin_shutdown("a worker cannot load the scan plugins")
+
+    def _on_worker_exit(self, worker: WorkerHandle) -> None:
+        self.selector.unregister(worker.process.sentinel)
+        if worker.channel is not None and not worker.channel.closed:
+            self._on_worker_readable(worker)  # results it sent before dying still count
+            self._unregister(worker.channel)
+        code = worker.reap()
+        del self.workers[worker.wid]
+        expected = worker.retiring or self.stopping_since is not None
+        if not expected or worker.assigned:
+            self.counters["worker_deaths"] += 1
+            log.warning("exited", worker=worker.wid, exit=describe_exit(code),
+                        items=len(worker.assigned), reason=worker.killed_for)  # fmt: skip
+        else:
+            log.info("exited", worker=worker.wid, exit=describe_exit(code))
+        self._requeue_from(worker)
+        if self.stopping_since is None and code != EXIT_BOOT:
+            while len([w for w in self.workers.values() if not w.retiring]) < self.n_workers:
+                self._spawn_worker()
+
+    def _requeue_from(self, worker: WorkerHandle) -> None:
+        """Put a dead worker's items back at the front of the queue, in order."""
+        for position, seq in reversed(list(enumerate(worker.assigned))):
+            item = self.items.get(seq)
+            if item is None:
+                continue
+            if position == 0 and worker.killed_for == "timeout":
+                item.fail = f"payload timed out after {self.daemon['scan_timeout']:g}s"
+                self.counters["timeouts"] += 1
+            elif position == 0 and item.fail is None:
+                item.attempts += 1  # it was being scanned when the worker died
+                if item.attempts >= max(1, self.daemon["max_attempts"]):
+                    item.fail = f"quarantined: killed {item.attempts} workers while being scanned"
+                    self.counters["quarantined"] += 1
+                    log.error("quarantined", provider=item.provider, seq=item.seq,
+                              attempts=item.attempts)  # fmt: skip
+            if self.stopping_since is not None and item.fail is None:
+                self._finish(self.items.pop(seq), NOT_DONE, "daemon stopped", None)
+                continue
+            self.queue.appendleft(seq)
+            if item.provider in self.providers:
+                self.providers[item.provider].queued += 1
+        worker.assigned.clear()
+
+    def _dispatch(self, now: float) -> None:
+        while self.queue:
+            idle = [w for w in self.workers.values()
+                    if w.ready and not w.retiring and len(w.assigned) < PREFETCH]  # fmt: skip
+            if not idle:
+                return
+            worker = min(idle, key=lambda w: len(w.assigned))
+            seq = self.queue.popleft()
+            item = self.items[seq]
+            if item.provider in self.providers:
+                self.providers[item.provider].queued -= 1
+            if not worker.assigned:
+                worker.current_since = now
+            worker.assigned.append(seq)
+            assert worker.channel is not None
+            worker.channel.send(item.frame(), item.body)
+
+    def _enforce_time_limits(self, now: float) -> None:
+        limit = self.daemon["scan_timeout"]
+        for worker in list(self.workers.values()):
+            if limit and worker.assigned and worker.killed_for is None:
+                if now - worker.current_since > limit:
+                    worker.killed_for = "timeout"
+                    self.counters["worker_kills"] += 1
+                    log.error("timeout", worker=worker.wid, child_pid=worker.pid, limit=limit)
+                    worker.kill()
+        if self.stopping_since is not None:
+            grace = self.daemon["graceful_timeout"]
+            if now - self.stopping_since > grace:
+                for worker in self.workers.values():
+                    if worker.alive() and worker.killed_for is None:
+                        worker.killed_for = "graceful_timeout"
+                        worker.kill()
+                for handle in self.providers.values():
+                    handle.kill()  # they had their grace period too
+            elif not self.items:
+                self._stop_children()
+
+    def _recycle_workers(self, now: float) -> None:
+        if self.stopping_since is not None:
+            return
+        max_payloads = self.daemon["worker_max_payloads"]
+        max_rss = self.daemon["worker_max_rss"]
+        check_rss = max_rss and now - self.last_rss_check >= RSS_CHECK_EVERY
+        if check_rss:
+            self.last_rss_check = now
+        for worker in self.workers.values():
+            if check_rss and worker.pid:
+                worker.rss = rss_bytes(worker.pid)
+        if any(w.retiring for w in self.workers.values()):
+            return  # one at a time, so the pool never empties
+        for worker in self.workers.values():
+            reason = None
+            if worker.config_generation != self.config_generation:
+                reason = "reload"
+            elif max_payloads and worker.payloads >= max_payloads:
+                reason = "payloads"
+            elif max_rss and worker.rss > max_rss:
+                reason = "memory"
+            if reason and worker.ready:
+                self._retire(worker, reason)
+                return
+
+    def _retire(self, worker: WorkerHandle, reason: str) -> None:
+        worker.retiring = True
+        self.counters["worker_recycles"] += 1
+        log.info("recycling", worker=worker.wid, reason=reason, payloads=worker.payloads,
+                 rss=worker.rss)  # fmt: skip
+        self._spawn_worker()  # the replacement starts before the old one leaves
+        assert worker.channel is not None
+        worker.channel.send({"t": "exit"})  # after the items it already holds
+
+    def _record_timings(self, timings: Dict[str, float]) -> None:
+        for plugin, seconds in timings.items():
+            histogram = self.scan_seconds.setdefault(
+                plugin, {"buckets": list(HISTOGRAM_BUCKETS),
+                         "counts": [0] * len(HISTOGRAM_BUCKETS), "sum": 0.0, "count": 0}
+            )  # fmt: skip
+            histogram["sum"] += seconds
+            histogram["count"] += 1
+            for index, bound in enumerate(HISTOGRAM_BUCKETS):
+                if seconds <= bound:
+                    histogram["counts"][index] += 1
+
+    # -- outcomes ---------------------------------------------------------------------
+
+    def _finish(self, item: Item, status: str, error: Optional[str], scan_id: Optional[str]) -> None:
+        handle = self.providers.get(item.provider)
+        if item.header.get("kind") == "spool":
+            _unlink(item.header["path"])
+        if status == FAILED:
+            log.warning("failed", provider=item.provider, seq=item.seq, error=error)
+        if handle is None:
+            return
+        if status == SAVED:
+            handle.saved += 1
+        elif status == FAILED:
+            handle.failed += 1
+        channel = handle.channel
+        if handle.generation == item.generation and channel is not None and not channel.closed:
+            channel.send({"t": "done", "id": item.item_id, "status": status, "error": error,
+                          "scan_id": scan_id})  # fmt: skip
+
+    # -- shutdown ---------------------------------------------------------------------
+
+    def begin_shutdown(self, reason: str) -> None:
+        if self.stopping_since is not None:
+            return
+        self.stopping_since = time.monotonic()
+        log.info("stopping", reason=reason, queued=len(self.queue),
+                 in_flight=len(self.items) - len(self.queue))  # fmt: skip
+        for hook in self.hooks:
+            hook.on_stopping(self)
+        for handle in self.providers.values():
+            if handle.channel is not None:
+                handle.channel.send({"t": "stop"})
+            if handle.state is State.BACKOFF:
+                handle.state = next_state(handle.state, Event.STOP)
+        while self.queue:  # not started: back to the source, which redelivers
+            item = self.items.pop(self.queue.popleft())
+            if item.provider in self.providers:
+                self.providers[item.provider].queued -= 1
+            self._finish(item, NOT_DONE, "daemon stopped before it was scanned", None)
+        if not self.items:
+            self._stop_children()
+
+    def _stop_children(self) -> None:
+        """Nothing in flight: ask workers to exit and providers to stop."""
+        for worker in self.workers.values():
+            if worker.channel is not None and not worker.retiring:
+                worker.retiring = True
+                worker.channel.send({"t": "exit"})
+        for handle in self.providers.values():
+            if handle.state in (State.STARTING, State.RUNNING):
+                handle.state = next_state(handle.state, Event.STOP)
+            if handle.alive() and not (handle.channel and handle.channel.wants_write):
+                handle.signal(signal.SIGTERM)
+
+    def _finished(self, now: float) -> bool:
+        if self.stopping_since is None:
+            if not self.providers or not all(
+                p.state in (State.EXHAUSTED, State.FATAL) and not p.alive()
+                for p in self.providers.values()
+            ):
+                return False
+            if self.items:
+                return False
+            fatal = [p.name for p in self.providers.values() if p.state is State.FATAL]
+            self.exit_code = 1 if fatal else 0
+            self.begin_shutdown("every provider is finished" + (f"; fatal: {fatal}" if fatal else ""))
+        alive = [c for c in [*self.workers.values(), *self.providers.values()] if c.alive()]
+        return not alive
+
+    def _cleanup(self, path: str) -> None:
+        for child in [*self.workers.values(), *self.providers.values()]:
+            child.kill()
+            if child.process is not None:
+                child.process.join(timeout=5)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        shutil.rmtree(self.spool_dir, ignore_errors=True)
+
+    # -- control ----------------------------------------------------------------------
+
+    def _on_control_accept(self, _: int) -> None:
+        connection = control_server.accept(self.control)
+        if connection is None:
+            return
+
+        def on_readable(_: int, c: control_server.Connection = connection) -> None:
+            if c.read(self.handle_command):
+                self.selector.unregister(c)
+                c.close()
+
+        self.selector.register(connection, selectors.EVENT_READ, on_readable)
+
+    def handle_command(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        from .control.commands import dispatch
+
+        return dispatch(self, request)
+
+    def provider(self, name: str) -> ProviderHandle:
+        try:
+            return self.providers[name]
+        except KeyError:
+            known = ", ".join(sorted(self.providers)) or "none"
+            raise ControlError(f"no provider named {name} (providers: {known})") from None
+
+    def stop_provider(self, handle: ProviderHandle) -> None:
+        handle.state = next_state(handle.state, Event.STOP)
+        handle.next_retry = None
+        if handle.alive():
+            handle.signal(signal.SIGTERM)
+
+    def start_provider(self, handle: ProviderHandle) -> None:
+        if handle.state in (State.STARTING, State.RUNNING, State.STOPPING):
+            raise ControlError(f"provider {handle.name} is already {handle.state.value}")
+        if self.stopping_since is not None:
+            raise ControlError("stoqd is shutting down")
+        handle.failures = 0
+        self._start_provider(handle)
+
+    def restart_provider(self, handle: ProviderHandle) -> None:
+        if handle.alive():
+            handle.restart_requested = True  # started again once the old process exits
+            self.stop_provider(handle)
+        else:
+            self.start_provider(handle)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the file; apply it, or keep running as before and say why."""
+        path = self.config.path
+        if path is None:
+            log.error("reload_failed", error="no configuration file to reload")
+            return
+        for hook in self.hooks:
+            hook.on_reload(self)
+        try:
+            fresh = Stoq(config_file=str(path))
+            fresh.check()
+        except (configuration.ConfigError, Exception) as exc:
+            problems = getattr(exc, "problems", [str(exc)])
+            log.error("reload_failed", error="; ".join(problems), kept="previous configuration")
+            return
+        old_opts = self.stoq.plugin_opts
+        self.stoq, self.config, self.spec = fresh, fresh.config, fresh.spec()
+        self._apply_settings()
+        self.config_generation += 1  # workers are recycled one by one onto the new config
+        wanted = list(fresh.core("providers"))
+        for name in wanted:
+            handle = self.providers.get(name)
+            if handle is None:
+                handle = self.providers[name] = ProviderHandle(name=name)
+                handle.settings = self.config.supervision(name)
+                self._start_provider(handle)
+            else:
+                handle.settings = self.config.supervision(name)
+                if old_opts.get(name) != fresh.plugin_opts.get(name) and handle.alive():
+                    self.restart_provider(handle)  # picks up its new options
+        for name in [n for n in self.providers if n not in wanted]:
+            handle = self.providers.pop(name)
+            if handle.alive():
+                handle.signal(signal.SIGTERM)
+        log.info("reloaded", providers=wanted, workers=self.n_workers)
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _unregister(self, channel: Channel) -> None:
+        try:
+            self.selector.unregister(channel)
+        except (KeyError, ValueError):
+            pass
+        channel.close()
+
+    def _update_write_interest(self) -> None:
+        for child in [*self.providers.values(), *self.workers.values()]:
+            channel = child.channel
+            if channel is None or channel.closed:
+                continue
+            channel.flush()
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if channel.wants_write else 0)
+            key = self.selector.get_map().get(channel.fileno())
+            if key is not None and key.events != events:
+                callback = key.data
+                self.selector.modify(channel, events, _with_flush(channel, callback))
+
+    def snapshot(self) -> Dict[str, Any]:
+        from .control.commands import status
+
+        return status(self)
+
+
+def _with_flush(channel: Channel, callback: Callable[[int], None]) -> Callable[[int], None]:
+    inner = getattr(callback, "__wrapped__", callback)
+
+    def on_event(mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            channel.flush()
+        if mask & selectors.EVENT_READ:
+            inner(mask)
+
+    on_event.__wrapped__ = inner  # type: ignore[attr-defined]
+    return on_event
+
+
+def _drain(sock: socket.socket) -> None:
+    try:
+        while sock.recv(4096):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,307 @@
+"""The work queue as each side sees it: what a provider puts, and what a worker gets.
+
+Provider side: ``ProviderQueue`` is the ``queue`` a provider's ``ingest`` receives. Each
+``put`` spends one credit; the supervisor hands credits back as the shared queue drains,
+so a provider blocks exactly when its share of ``max_queue`` is full (backpressure).
+Completions come back on the same socket and are delivered to ``done`` callbacks on a
+single reader thread.
+
+Worker side: ``Item`` is one unit of work as it crosses to a worker, and ``load_payload``
+turns it back into a ``Payload``. Large payloads are spooled to a file rather than
+pushed through the socket, so memory is bounded by configuration, not by file sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue as stdlib_queue
+import stat
+import tempfile
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Union
+
+from .framework.data import Payload, PayloadMeta, RequestMeta
+from .framework.helpers import dumps
+from .wire import Endpoint
+
+SAVED = "saved"
+FAILED = "failed"
+NOT_DONE = "not_done"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one item ended, as reported back to the provider that put it."""
+
+    status: str  # saved | failed | not_done
+    error: Optional[str] = None
+    scan_id: Optional[str] = None
+
+    @property
+    def saved(self) -> bool:
+        return self.status == SAVED
+
+
+DoneCallback = Callable[[Outcome], None]
+
+
+def _meta_dict(meta: PayloadMeta) -> Dict[str, Any]:
+    # Round-trip through stoqd's JSON encoder so odd extra_data (bytes, sets) is made
+    # JSON here, where the provider can see the error, not in the supervisor.
+    return json.loads(
+        dumps(
+            {
+                "should_archive": meta.should_archive,
+                "extra_data": meta.extra_data,
+                "dispatch_to": meta.dispatch_to,
+            },
+            compactly=True,
+        )
+    )
+
+
+def _request_dict(request_meta: Optional[RequestMeta]) -> Optional[Dict[str, Any]]:
+    if request_meta is None:
+        return None
+    return json.loads(dumps(request_meta, compactly=True))  # type: ignore[no-any-return]
+
+
+class ProviderQueue:
+    """The queue stoqd hands to ``ProviderPlugin.ingest`` (see docs/providers.md)."""
+
+    def __init__(self, endpoint: Endpoint, inline_max_bytes: int, spool_dir: str) -> None:
+        self._endpoint = endpoint
+        self._inline_max = inline_max_bytes
+        self._spool_dir = spool_dir
+        self._credits = threading.Semaphore(0)
+        self._next_id = 0
+        self._id_lock = threading.Lock()
+        self._callbacks: Dict[int, DoneCallback] = {}
+        self._pending = 0
+        self._idle = threading.Condition()
+        self.stopping = threading.Event()
+        self.put_count = 0
+
+    # -- what providers call --------------------------------------------------------
+
+    def put(
+        self,
+        item: Union[Payload, bytes, str, Dict[str, Any]],
+        block: bool = True,
+        timeout: Optional[float] = None,
+        *,
+        done: Optional[DoneCallback] = None,
+        request_meta: Optional[RequestMeta] = None,
+    ) -> None:
+        """Queue a payload or a reference; blocks while the daemon's queue is full."""
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            item = Payload(bytes(item))
+        if isinstance(item, Payload):
+            header, body = self._payload_frame(item)
+        elif isinstance(item, (str, dict)):
+            header, body = {"kind": "ref", "ref": item}, b""
+        else:
+            raise TypeError(
+                f"queue.put takes a Payload, bytes, str or dict, not {type(item).__name__}"
+            )
+        self._send(header, body, block, timeout, done, request_meta)
+
+    def put_file(
+        self,
+        path: Union[str, os.PathLike[str]],
+        payload_meta: Optional[PayloadMeta] = None,
+        *,
+        done: Optional[DoneCallback] = None,
+        request_meta: Optional[RequestMeta] = None,
+        block: bool = True,
+        timeout: Optional[float] = None,
+    ) -> None:
+        """Queue a local file by reference: the worker reads it, not this process."""
+        header = {
+            "kind": "file",
+            "path": os.fspath(path),
+            "meta": _meta_dict(payload_meta or PayloadMeta()),
+        }
+        self._send(header, b"", block, timeout, done, request_meta)
+
+    def report(self, **stats: Any) -> None:
+        """Publish provider statistics (JSON values) to ``stoqctl status``."""
+        self._endpoint.send({"t": "stats", "stats": json.loads(dumps(stats, compactly=True))})
+
+    def qsize(self) -> int:
+        """Items put by this provider and not yet finished."""
+        return self._pending
+
+    def empty(self) -> bool:
+        return self._pending == 0
+
+    def full(self) -> bool:
+        return False
+
+    # -- internals ------------------------------------------------------------------
+
+    def _payload_frame(self, payload: Payload) -> tuple[Dict[str, Any], bytes]:
+        header: Dict[str, Any] = {"meta": _meta_dict(payload.payload_meta)}
+        content = payload.content
+        if len(content) <= self._inline_max:
+            header["kind"] = "bytes"
+            return header, bytes(content)
+        header["kind"] = "spool"
+        header["path"] = self._spool(content)
+        return header, b""
+
+    def _spool(self, content: bytes) -> str:
+        fd, path = tempfile.mkstemp(prefix="payload-", dir=self._spool_dir)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+        return path
+
+    def _send(
+        self,
+        header: Dict[str, Any],
+        body: bytes,
+        block: bool,
+        timeout: Optional[float],
+        done: Optional[DoneCallback],
+        request_meta: Optional[RequestMeta],
+    ) -> None:
+        while self.stopping.is_set():
+            # No new work during shutdown: the item stays with its source.
+            self.stopping.wait(3600)
+        if not self._credits.acquire(blocking=block, timeout=timeout):
+            if header.get("kind") == "spool":
+                _unlink_quietly(header["path"])
+            raise stdlib_queue.Full
+        with self._id_lock:
+            self._next_id += 1
+            item_id = self._next_id
+            if done is not None:
+                self._callbacks[item_id] = done
+            with self._idle:
+                self._pending += 1
+        header["t"] = "item"
+        header["id"] = item_id
+        request = _request_dict(request_meta)
+        if request is not None:
+            header["request"] = request
+        self._endpoint.send(header, body)
+        self.put_count += 1
+
+    def on_message(self, header: Dict[str, Any]) -> None:
+        """Called by the reader thread for each message from the supervisor."""
+        kind = header.get("t")
+        if kind == "credit":
+            for _ in range(int(header["n"])):
+                self._credits.release()
+        elif kind == "done":
+            self._complete(header)
+        elif kind == "stop":
+            self.stopping.set()
+
+    def _complete(self, header: Dict[str, Any]) -> None:
+        outcome = Outcome(header["status"], header.get("error"), header.get("scan_id"))
+        with self._id_lock:
+            callback = self._callbacks.pop(int(header["id"]), None)
+        try:
+            if callback is not None:
+                callback(outcome)
+        finally:
+            with self._idle:
+                self._pending -= 1
+                self._idle.notify_all()
+
+    def wait_idle(self) -> None:
+        """Block until every item put has been reported back."""
+        with self._idle:
+            while self._pending > 0:
+                self._idle.wait(1.0)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# -- the worker side --------------------------------------------------------------------
+
+
+class ItemError(Exception):
+    """An item that cannot become a payload (unreadable file, bad reference)."""
+
+
+def _payload_meta(header: Dict[str, Any]) -> PayloadMeta:
+    meta = header.get("meta") or {}
+    return PayloadMeta(
+        should_archive=bool(meta.get("should_archive", True)),
+        extra_data=dict(meta.get("extra_data") or {}),
+        dispatch_to=list(meta.get("dispatch_to") or []),
+    )
+
+
+def read_file(path: str, max_size: int) -> bytes:
+    """Read a regular file, refusing FIFOs, devices and files over ``max_size``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ItemError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ItemError(f"cannot read {path}: not a regular file")
+        if max_size and info.st_size > max_size:
+            raise ItemError(
+                f"cannot read {path}: {info.st_size} bytes exceeds max_payload_size {max_size}"
+            )
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read()
+    except OSError as exc:
+        raise ItemError(f"cannot read {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def load_payload(
+    header: Dict[str, Any], body: bytes, max_size: int, resolve: Callable[[Any], Payload]
+) -> Payload:
+    """Turn an item back into a payload: inline bytes, a spooled or local file, a reference."""
+    kind = header.get("kind")
+    if kind == "bytes":
+        return Payload(body, _payload_meta(header))
+    if kind in ("spool", "file"):
+        content = read_file(header["path"], max_size)
+        meta = _payload_meta(header)
+        if kind == "file":
+            meta.extra_data.setdefault("filename", os.path.basename(header["path"]))
+            meta.extra_data.setdefault("path", header["path"])
+        return Payload(content, meta)
+    if kind == "ref":
+        try:
+            return resolve(header["ref"])
+        except Exception as exc:  # archiver code, or a malformed reference
+            raise ItemError(f"cannot resolve reference: {type(exc).__name__}: {exc}") from None
+    raise ItemError(f"unknown item kind {kind!r}")
+
+
+def request_meta_of(header: Dict[str, Any], default: Optional[RequestMeta]) -> RequestMeta:
+    request = header.get("request")
+    if not request:
+        return default or RequestMeta()
+    return RequestMeta(
+        archive_payloads=bool(request.get("archive_payloads", True)),
+        source=request.get("source"),
+        extra_data=dict(request.get("extra_data") or {}),
+    )
+
+
+def new_spool_dir(configured: str) -> str:
+    """A private spool directory, on tmpfs when there is one."""
+    parent = configured or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+    os.makedirs(parent, exist_ok=True)
+    path = os.path.join(parent, f"stoqd-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.mkdir(path, 0o700)
+    return path
