@@ -1,0 +1,1 @@
+"""stoqd's built-in worker, connector and archiver plugins."""
