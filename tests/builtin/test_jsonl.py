@@ -1,0 +1,114 @@
+"""The jsonl connector: whole lines even with several writer processes on one file."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+
+from stoq import RequestMeta, Stoq, StoqPluginException, StoqResponse
+from stoq.data_classes import new_errors
+from stoqd.framework.loader import PluginRegistry
+
+WRITERS = 4
+LINES = 1000
+FILLER = 100 * 1024  # bytes of padding per line: far above any pipe or page size
+
+
+def _response(writer: int, seq: int) -> StoqResponse:
+    # The filler repeats the line's own identity, so a line spliced from two writes
+    # would not only fail to parse but also disagree with itself.
+    tag = f"{writer}:{seq};"
+    filler = tag * (FILLER // len(tag))
+    meta = RequestMeta(extra_data={"writer": writer, "seq": seq, "filler": filler})
+    return StoqResponse(results=[], request_meta=meta, errors=new_errors())
+
+
+def _write_lines(output_file: str, writer: int) -> None:
+    """One writer process: its own plugin instance, built as a daemon worker builds it."""
+    connector = PluginRegistry().load("jsonl", {"output_file": output_file})
+    for seq in range(LINES):
+        connector.save(_response(writer, seq))  # type: ignore[attr-defined]
+
+
+def test_concurrent_writer_processes_never_interleave_lines(tmp_path):
+    output = tmp_path / "deep" / "er" / "results.jsonl"
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=_write_lines, args=(str(output), n)) for n in range(WRITERS)]
+    for process in writers:
+        process.start()
+    for process in writers:
+        process.join(timeout=240)
+    assert [process.exitcode for process in writers] == [0] * WRITERS
+
+    seen: dict[int, list[int]] = {n: [] for n in range(WRITERS)}
+    with open(output, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            assert raw.endswith(b"\n"), f"line {number} is cut short"
+            line = json.loads(raw)
+            extra = line["request_meta"]["extra_data"]
+            tag = f"{extra['writer']}:{extra['seq']};"
+            assert extra["filler"] == tag * (FILLER // len(tag)), f"line {number} is mixed"
+            seen[extra["writer"]].append(extra["seq"])
+    # Each writer's lines are all there, once each, in the order that writer wrote them.
+    assert seen == {n: list(range(LINES)) for n in range(WRITERS)}
+
+
+def test_results_are_appended_through_stoq(tmp_path):
+    output = tmp_path / "results.jsonl"
+    output.write_text('{"earlier": "line"}\n')
+    stoq = Stoq(
+        always_dispatch=["hash"],
+        connectors=["jsonl"],
+        plugin_opts={"jsonl": {"output_file": str(output)}},
+    )
+    first = stoq.scan(b"one")
+    second = stoq.scan(b"two")
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [line.get("scan_id") for line in lines] == [None, first.scan_id, second.scan_id]
+    assert lines[1] == json.loads(str(first))
+
+
+def test_output_file_is_required(load):
+    with pytest.raises(StoqPluginException) as info:
+        load("jsonl")
+    assert str(info.value) == "plugin jsonl: option output_file is required"
+
+
+def test_unusable_output_directory_is_rejected_at_load(load, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StoqPluginException) as info:
+        load("jsonl", output_file=str(blocker / "results.jsonl"))
+    assert str(info.value) == (
+        f"plugin jsonl: option output_file: cannot create directory {blocker}: File exists"
+    )
+
+
+def test_a_full_disk_is_reported_as_not_saved():
+    # /dev/full answers every write with ENOSPC, as a full filesystem does.
+    stoq = Stoq(connectors=["jsonl"], plugin_opts={"jsonl": {"output_file": "/dev/full"}})
+    response = stoq.scan(b"payload")
+    assert response.errors["stoq"] == [
+        "connector jsonl failed: OSError: [Errno 28] No space left on device"
+    ]
+
+
+def test_a_failed_write_raises_from_save(load, tmp_path):
+    connector = load("jsonl", output_file=str(tmp_path / "results.jsonl"))
+    os.mkdir(tmp_path / "results.jsonl")  # the path turned into a directory after load
+    response = StoqResponse(results=[], request_meta=RequestMeta(), errors=new_errors())
+    with pytest.raises(IsADirectoryError):
+        connector.save(response)
+
+
+def test_fsync_option_still_writes_the_line(load, tmp_path):
+    output = tmp_path / "synced.jsonl"
+    connector = load("jsonl", output_file=str(output), fsync="true")
+    assert connector.fsync is True
+    response = StoqResponse(results=[], request_meta=RequestMeta(), errors=new_errors())
+    connector.save(response)
+    assert json.loads(Path(output).read_text())["scan_id"] == response.scan_id
