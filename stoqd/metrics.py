@@ -7,27 +7,27 @@ families on each scrape, so nothing is counted twice and no process but the supe
 is involved. The HTTP server runs in a daemon thread on a private registry, so the
 ``snapshot`` callable must be safe to call from another thread (return a copy).
 
-The parts of the snapshot read here (missing keys are left out of the exposition)::
+The parts of the snapshot read here (anything missing or malformed is left out)::
 
     {"daemon": {"version": str, "uptime": float},
-     "providers": [{"name", "state", "restarts", "put", "saved", "failed"}],
-     "workers": [{"id", "payloads", "recycles", "kills"}],
-     "queue": {"depth": int, "in_flight": int},
-     "scan_seconds": {PLUGIN: {"buckets": [upper bounds], "counts": [per bucket],
+     "providers": [{"name", "state", "restarts", "put", "saved", "failed", "queued"}],
+     "workers": [{"id", "state"}],
+     "queue": {"depth": int, "max": int, "in_flight": int},
+     "counters": {"worker_recycles": int, "worker_kills": int, ...},
+     "scan_seconds": {PLUGIN: {"buckets": [upper bounds], "counts": [cumulative],
                                "sum": float, "count": int}}}
 
-``counts`` are per bucket, not cumulative; ``count`` includes observations above the last
-bound. :class:`ScanHistogram` keeps exactly that shape.
+``counts[i]`` is how many scans took at most ``buckets[i]`` seconds (cumulative, as
+Prometheus counts); ``count`` includes the ones above the last bound.
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
 import math
+import re
 import threading
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from prometheus_client import start_http_server
 from prometheus_client.core import (
@@ -46,54 +46,25 @@ log = logging.getLogger("stoqd.metrics")
 
 Snapshot = Mapping[str, Any]
 
-# Seconds; a scan is usually milliseconds, a big archive or yara rule set can take minutes.
-DEFAULT_BUCKETS: Tuple[float, ...] = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    60.0, 300.0,
-)  # fmt: skip
-
 _PROVIDER_COUNTERS = (
     ("restarts", "stoqd_provider_restarts", "Times the provider process was restarted."),
     ("put", "stoqd_provider_items_put", "Items the provider put on the work queue."),
     ("saved", "stoqd_provider_items_saved", "Items of the provider whose results were saved."),
     ("failed", "stoqd_provider_items_failed", "Items of the provider that failed."),
 )
-_WORKER_COUNTERS = (
-    ("payloads", "stoqd_worker_payloads", "Payloads the worker slot has scanned."),
-    ("recycles", "stoqd_worker_recycles", "Times the worker slot was recycled (payloads, RSS)."),
-    ("kills", "stoqd_worker_kills", "Times the worker slot was killed (scan timeout, death)."),
+_PROVIDER_GAUGES = (
+    ("queued", "stoqd_provider_items_queued", "Items of the provider waiting on the queue."),
 )
-
-
-@dataclass
-class ScanHistogram:
-    """Scan durations of one worker plugin, in the snapshot's ``scan_seconds`` shape."""
-
-    buckets: Sequence[float] = DEFAULT_BUCKETS
-    counts: List[int] = field(default_factory=list)
-    sum: float = 0.0
-    count: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.counts:
-            self.counts = [0] * len(self.buckets)
-
-    def observe(self, seconds: float) -> None:
-        """Record one scan of ``seconds``."""
-        index = bisect.bisect_left(self.buckets, seconds)  # upper bounds are inclusive
-        if index < len(self.counts):
-            self.counts[index] += 1
-        self.sum += seconds
-        self.count += 1
-
-    def to_dict(self) -> Dict[str, Any]:
-        """The JSON-safe form the status snapshot carries."""
-        return {
-            "buckets": list(self.buckets),
-            "counts": list(self.counts),
-            "sum": self.sum,
-            "count": self.count,
-        }
+# The daemon's "counters", by key. A key not listed still shows, as stoqd_KEY_total.
+_DAEMON_COUNTERS = {
+    "worker_recycles": "Workers retired after worker_max_payloads or worker_max_rss.",
+    "worker_kills": "Workers killed by the supervisor (scan_timeout, shutdown).",
+    "worker_deaths": "Workers that died on their own in the middle of a scan.",
+    "timeouts": "Payloads whose scan passed scan_timeout.",
+    "quarantined": "Payloads given up on after killing max_attempts workers.",
+}
+_WORKER_STATES = ("starting", "idle", "busy", "retiring")
+_METRIC_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
 def _number(value: Any) -> Optional[float]:
@@ -136,6 +107,7 @@ class SnapshotCollector(Collector):
         yield from self._providers(_records(snapshot, "providers"))
         yield from self._queue(snapshot.get("queue"))
         yield from self._workers(_records(snapshot, "workers"))
+        yield from self._counters(snapshot.get("counters"))
         yield from self._scans(snapshot.get("scan_seconds"))
 
     def _daemon(self, snapshot: Snapshot) -> Iterator[Metric]:
@@ -174,6 +146,13 @@ class SnapshotCollector(Collector):
                 if value is not None:
                     family.add_metric([provider["name"]], value)
             yield family
+        for key, metric, doc in _PROVIDER_GAUGES:
+            gauge = GaugeMetricFamily(metric, doc, labels=["provider"])
+            for provider in named:
+                value = _number(provider.get(key))
+                if value is not None:
+                    gauge.add_metric([provider["name"]], value)
+            yield gauge
 
     def _queue(self, queue: Any) -> Iterator[Metric]:
         if not isinstance(queue, Mapping):
@@ -181,20 +160,33 @@ class SnapshotCollector(Collector):
         for key, metric, doc in (
             ("depth", "stoqd_queue_depth", "Items waiting on the work queue."),
             ("in_flight", "stoqd_queue_in_flight", "Items a worker is scanning now."),
+            ("max", "stoqd_queue_max", "Items the queue holds before providers block."),
         ):
             value = _number(queue.get(key))
             if value is not None:
                 yield GaugeMetricFamily(metric, doc, value=value)
 
     def _workers(self, workers: List[Mapping[str, Any]]) -> Iterator[Metric]:
-        yield GaugeMetricFamily("stoqd_workers", "Scanning worker slots.", value=len(workers))
-        for key, metric, doc in _WORKER_COUNTERS:
-            family = CounterMetricFamily(metric, doc, labels=["worker"])
-            for worker in workers:
-                value = _number(worker.get(key))
-                if value is not None and worker.get("id") is not None:
-                    family.add_metric([str(worker["id"])], value)
-            yield family
+        by_state: Dict[str, int] = {}
+        for worker in workers:
+            state = str(worker.get("state", "unknown"))
+            by_state[state] = by_state.get(state, 0) + 1
+        family = GaugeMetricFamily(
+            "stoqd_workers", "Scanning worker processes by state.", labels=["state"]
+        )
+        for state in sorted(set(_WORKER_STATES) | set(by_state)):
+            family.add_metric([state], by_state.get(state, 0))
+        yield family
+
+    def _counters(self, counters: Any) -> Iterator[Metric]:
+        if not isinstance(counters, Mapping):
+            return
+        for key, raw in sorted(counters.items()):
+            value = _number(raw)
+            if value is None or not _METRIC_NAME.fullmatch(str(key)):
+                continue
+            doc = _DAEMON_COUNTERS.get(key, f"The daemon's {key} counter.")
+            yield CounterMetricFamily(f"stoqd_{key}", doc, value=value)
 
     def _scans(self, scans: Any) -> Iterator[Metric]:
         family = HistogramMetricFamily(
@@ -211,7 +203,7 @@ class SnapshotCollector(Collector):
 
 
 def _cumulative(histogram: Any) -> Optional[List[Tuple[str, float]]]:
-    """Prometheus' cumulative ``le`` buckets from per-bucket counts, or None if malformed."""
+    """Prometheus' ``le`` buckets from the snapshot's histogram, or None if malformed."""
     if not isinstance(histogram, Mapping):
         return None
     bounds, counts = histogram.get("buckets"), histogram.get("counts")
@@ -221,15 +213,16 @@ def _cumulative(histogram: Any) -> Optional[List[Tuple[str, float]]]:
     if total is None or total_sum is None:
         return None
     pairs: List[Tuple[str, float]] = []
-    running = previous = 0.0
     for bound, count in zip(bounds, counts, strict=True):
         upper, number = _number(bound), _number(count)
-        if upper is None or number is None or (pairs and upper <= previous):
-            return None  # Prometheus rejects unsorted bounds: leave the plugin out
-        previous = upper
-        running += number
-        pairs.append((_le(upper), running))
-    pairs.append(("+Inf", max(total, running)))
+        if upper is None or number is None:
+            return None
+        if pairs and (upper <= float(pairs[-1][0]) or number < pairs[-1][1]):
+            return None  # Prometheus rejects unsorted bounds or falling counts
+        pairs.append((_le(upper), number))
+    if pairs and total < pairs[-1][1]:
+        return None
+    pairs.append(("+Inf", total))
     return pairs
 
 
@@ -292,5 +285,11 @@ def start_metrics_server(address: str, snapshot: Callable[[], Snapshot]) -> Metr
         server, thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
         raise MetricsError(f"metrics_address {address!r}: cannot listen: {exc}") from None
-    log.info("metrics endpoint listening on http://%s/metrics", address)
-    return MetricsServer(server, thread)
+    running = MetricsServer(server, thread)
+    host, port = running.address
+    log.info("metrics endpoint listening on http://%s/metrics", _join(host, port))
+    return running
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -4,32 +4,40 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 import urllib.request
+from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
+from deploy_helpers import free_port, held_config
 
-from stoqd.metrics import MetricsError, ScanHistogram, parse_address, start_metrics_server
+from stoqd.metrics import MetricsError, parse_address, start_metrics_server
+from stoqd.testing import Daemon
 
 
 def _snapshot() -> Dict[str, Any]:
-    hashes = ScanHistogram(buckets=(0.01, 0.1, 1.0))
-    for seconds in (0.004, 0.01, 0.05, 2.0):
-        hashes.observe(seconds)
+    """The shape ``stoqctl status --json`` prints (stoqd.control.commands.status)."""
     return {
-        "daemon": {"pid": 100, "version": "0.1.0", "uptime": 12.5},
+        "daemon": {"pid": 100, "version": "0.1.0", "state": "running", "uptime": 12.5},
         "providers": [
             {"name": "dirmon", "state": "RUNNING", "pid": 101, "restarts": 2, "put": 10,
-             "saved": 8, "failed": 1},
+             "saved": 8, "failed": 1, "queued": 1, "last_error": None},
             {"name": "rabbitmq", "state": "BACKOFF", "pid": None, "restarts": 5, "put": 0,
-             "saved": 0, "failed": 0},
+             "saved": 0, "failed": 0, "queued": 0, "last_error": "connection refused"},
         ],
         "workers": [
-            {"id": 0, "pid": 200, "payloads": 6, "recycles": 1, "kills": 0},
-            {"id": 1, "pid": 201, "payloads": 3, "recycles": 0, "kills": 1},
+            {"id": 3, "pid": 200, "state": "busy", "current": None, "payloads": 6},
+            {"id": 4, "pid": 201, "state": "idle", "current": None, "payloads": 3},
         ],
-        "queue": {"depth": 4, "in_flight": 2},
-        "scan_seconds": {"hash": hashes.to_dict()},
+        "queue": {"depth": 4, "max": 100, "in_flight": 2},
+        "counters": {"worker_recycles": 1, "worker_kills": 2, "worker_deaths": 0,
+                     "timeouts": 2, "quarantined": 0},
+        "scan_seconds": {
+            # cumulative: 2 scans <= 0.01 s, 3 <= 0.1 s, 3 <= 1 s, 4 in all
+            "hash": {"buckets": [0.01, 0.1, 1.0], "counts": [2, 3, 3], "sum": 2.064,
+                     "count": 4},
+        },
     }  # fmt: skip
 
 
@@ -59,10 +67,17 @@ def test_scrape_shows_the_snapshot() -> None:
         'stoqd_provider_items_failed_total{provider="dirmon"} 1.0',
         "stoqd_queue_depth 4.0",
         "stoqd_queue_in_flight 2.0",
-        "stoqd_workers 2.0",
-        'stoqd_worker_payloads_total{worker="0"} 6.0',
-        'stoqd_worker_recycles_total{worker="0"} 1.0',
-        'stoqd_worker_kills_total{worker="1"} 1.0',
+        "stoqd_queue_max 100.0",
+        'stoqd_provider_items_queued{provider="dirmon"} 1.0',
+        'stoqd_workers{state="busy"} 1.0',
+        'stoqd_workers{state="idle"} 1.0',
+        'stoqd_workers{state="starting"} 0.0',
+        "# TYPE stoqd_worker_recycles_total counter",
+        "stoqd_worker_recycles_total 1.0",
+        "stoqd_worker_kills_total 2.0",
+        "stoqd_worker_deaths_total 0.0",
+        "stoqd_timeouts_total 2.0",
+        "stoqd_quarantined_total 0.0",
         "# TYPE stoqd_scan_duration_seconds histogram",
         'stoqd_scan_duration_seconds_bucket{le="0.01",plugin="hash"} 2.0',
         'stoqd_scan_duration_seconds_bucket{le="0.1",plugin="hash"} 3.0',
@@ -114,7 +129,9 @@ def test_malformed_parts_are_left_out() -> None:
             "scan_seconds": {
                 "short": {"buckets": [1.0], "counts": [], "sum": 0, "count": 0},
                 "unsorted": {"buckets": [1.0, 0.5], "counts": [1, 1], "sum": 1, "count": 2},
+                "falling": {"buckets": [0.5, 1.0], "counts": [2, 1], "sum": 1, "count": 2},
             },
+            "counters": {"Bad Name": 1, "new_counter": 3, "junk": "x"},
         }
 
     with start_metrics_server("127.0.0.1:0", snapshot) as server:
@@ -124,6 +141,8 @@ def test_malformed_parts_are_left_out() -> None:
     assert not [line for line in lines if line.startswith("stoqd_queue_depth")]
     assert not [line for line in lines if line.startswith("stoqd_scan_duration_seconds_")]
     assert "stoqd_snapshot_success 1.0" in lines
+    assert "stoqd_new_counter_total 3.0" in lines  # a counter added later still shows
+    assert not [line for line in lines if "Bad" in line or "junk" in line]
 
 
 def test_close_frees_the_port() -> None:
@@ -164,3 +183,29 @@ def test_bad_address_is_named(text: str) -> None:
     assert str(error.value) == (
         f"metrics_address {text!r}: expected host:port, for example 127.0.0.1:9464"
     )
+
+
+def test_live_daemon_is_scraped(short_dir: Path) -> None:
+    port = free_port()
+    config = held_config(short_dir, metrics_address=f"127.0.0.1:{port}")
+    daemon = Daemon(config)
+    try:
+        daemon.wait_for(lambda s: s["providers"][0]["saved"] == 3, what="3 saved")
+        expected = {
+            'stoqd_provider_state{provider="heldprov",state="RUNNING"} 1.0',
+            'stoqd_provider_items_put_total{provider="heldprov"} 3.0',
+            'stoqd_provider_items_saved_total{provider="heldprov"} 3.0',
+            'stoqd_provider_items_failed_total{provider="heldprov"} 0.0',
+            'stoqd_scan_duration_seconds_count{plugin="hash"} 3.0',
+            'stoqd_workers{state="idle"} 1.0',
+            "stoqd_queue_depth 0.0",
+        }
+        # The endpoint serves the snapshot the loop refreshes about once a second.
+        deadline = time.monotonic() + 20
+        lines: List[str] = []
+        while time.monotonic() < deadline and not expected <= set(lines):
+            lines = _scrape(("127.0.0.1", port))
+            time.sleep(0.2)
+        assert expected <= set(lines), "\n".join(sorted(expected - set(lines)))
+    finally:
+        daemon.close()

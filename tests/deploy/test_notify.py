@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import struct
 import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, List, Tuple
 
 import pytest
+from deploy_helpers import held_config
 
 from stoqd import notify
+from stoqd.testing import Daemon
 
 
 class Listener:
@@ -183,3 +187,54 @@ def test_watchdog_interval(
             monkeypatch.setenv(name, str(os.getpid()) if value == "self" else value)
     assert notify.watchdog_interval() == expected
     assert notify.watchdog_ping_interval() == (None if expected is None else expected / 2)
+
+
+def _recv_with_pid(sock: socket.socket) -> Tuple[str, int]:
+    """One datagram and the pid the kernel says sent it (as systemd checks NotifyAccess)."""
+    data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(struct.calcsize("iII")))
+    pid = next(
+        struct.unpack("iII", cdata)[0]
+        for level, kind, cdata in ancillary
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
+    )
+    return data.decode(), pid
+
+
+def _until(sock: socket.socket, pids: set, predicate: Callable[[str], bool]) -> List[str]:
+    seen: List[str] = []
+    while True:
+        message, pid = _recv_with_pid(sock)  # times out after the socket's 10 s
+        pids.add(pid)
+        seen.append(message)
+        if predicate(message):
+            return seen
+
+
+def test_live_daemon_speaks_the_protocol(short_dir: Path) -> None:
+    """READY once up, STATUS with counts, WATCHDOG, RELOADING on SIGHUP, STOPPING on SIGTERM."""
+    path = str(short_dir / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    sock.settimeout(10)
+    pids: set = set()
+    daemon = Daemon(held_config(short_dir), env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"})
+    try:
+        ready = _until(sock, pids, lambda m: m.startswith("READY=1"))[-1]
+        assert ready.startswith("READY=1\nSTATUS=1/1 providers running, 1 workers, queue ")
+        _until(sock, pids, lambda m: m == "WATCHDOG=1")
+        status = _until(sock, pids, lambda m: "saved 3" in m)[-1]
+        assert status.startswith("STATUS=1/1 providers running, 1 workers, queue 0/100, ")
+        daemon.signal(signal.SIGHUP)
+        reloading = _until(sock, pids, lambda m: m.startswith("RELOADING=1"))[-1]
+        assert reloading.split("\n")[1].startswith("MONOTONIC_USEC=")
+        _until(sock, pids, lambda m: m.startswith("READY=1"))
+        daemon.signal(signal.SIGTERM)
+        stopping = _until(sock, pids, lambda m: m.startswith("STOPPING=1"))[-1]
+        assert stopping == "STOPPING=1\nSTATUS=stopping: draining in-flight work"
+        assert daemon.wait_exit(30) == 0
+    finally:
+        daemon.close()
+        sock.close()
+    # NotifyAccess=main: only the supervisor itself may speak, never a child.
+    assert pids == {daemon.pid}
