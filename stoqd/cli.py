@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import logging
 import os
 import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from . import logs
 from .config import EX_CONFIG, ConfigError
 from .framework.core import Stoq
 from .framework.data import Payload, PayloadMeta, RequestMeta, StoqResponse
@@ -116,13 +116,15 @@ def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
         default=default,
         help=f"stoq.cfg to use (default: ${CONFIG_ENV} if set, else built-in defaults)",
     )
+    # Before the subcommand one DIR per flag (repeatable): "+" would swallow "scan".
     parser.add_argument(
         "--plugin-dir",
         metavar="DIR",
-        nargs="+",
-        action="extend",
+        nargs="+" if suppress else None,
+        action="extend" if suppress else "append",
         default=default,
-        help="directories searched recursively for .stoq plugin files (one or more)",
+        help="directories searched recursively for .stoq plugin files "
+        + ("(one or more)" if suppress else "(repeatable)"),
     )
     parser.add_argument(
         "--log-level",
@@ -271,10 +273,9 @@ def _validate(stoq: Stoq, named: Dict[str, List[str]]) -> None:
         raise _Exit(EX_CONFIG, exc.problems) from None
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
-    )
+def _setup_logging(stoq: Stoq) -> None:
+    """Plugins' log lines go to stderr (stdout carries the result), as the daemon's do."""
+    logs.setup("stoq", stoq.core("log_level"), stoq.core("log_syntax"))
 
 
 def _scan_stoq(args: argparse.Namespace, **extra: Any) -> Tuple[Stoq, RequestMeta]:
@@ -294,7 +295,7 @@ def _scan_stoq(args: argparse.Namespace, **extra: Any) -> Tuple[Stoq, RequestMet
     if extra.get("providers"):
         named["-P/--providers"] = extra["providers"]
     _validate(stoq, named)
-    _setup_logging(stoq.core("log_level"))
+    _setup_logging(stoq)
     args.start_dispatch = start_dispatch or []
     meta = RequestMeta(source=args.request_source, extra_data=dict(args.request_extra))
     return stoq, meta
