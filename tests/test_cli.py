@@ -498,3 +498,19 @@ def test_stoqd_config_default_is_etc(run_cmd) -> None:
         78,
         "/etc/stoqd/stoq.cfg: configuration file not found\n",
     )
+
+
+def test_stoqd_runs_the_seed_provider_until_exhausted(run_cmd, tmp_path: Path) -> None:
+    cfg = tmp_path / "stoq.cfg"
+    cfg.write_text(
+        f"[core]\nproviders = example_provider\nconnectors = example_connector\n"
+        f"always_dispatch = hash\nplugin_dir_list = {V2_PLUGINS}\nlog_level = WARNING\n"
+        "[stoqd]\nworkers = 1\n"
+        "[example_connector]\noutput_file = ${here}/out.jsonl\n"
+    )
+    done = run_cmd("stoqd", "-c", cfg)
+    assert done.returncode == 0, done.stderr
+    [line] = (tmp_path / "out.jsonl").read_text().splitlines()
+    [result] = json.loads(line)["results"]
+    expected = hashlib.sha256(b"This is a payload").hexdigest()
+    assert result["workers"][0]["hash"]["sha256"] == expected
