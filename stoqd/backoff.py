@@ -9,7 +9,9 @@ import random
 from typing import Callable
 
 
-def delay(failures: int, initial: float, cap: float, rand: Callable[[], float] = random.random) -> float:
+def delay(
+    failures: int, initial: float, cap: float, rand: Callable[[], float] = random.random
+) -> float:
     """Seconds to wait before restart number ``failures`` (1 for the first failure).
 
     The nominal delay ``initial * 2**(failures-1)`` is capped at ``cap``; the result is
@@ -21,7 +23,8 @@ def delay(failures: int, initial: float, cap: float, rand: Callable[[], float] =
     return nominal * (0.5 + 0.5 * rand())
 
 
-def retry_at(now: float, failures: int, initial: float, cap: float,
-             rand: Callable[[], float] = random.random) -> float:  # fmt: skip
+def retry_at(
+    now: float, failures: int, initial: float, cap: float, rand: Callable[[], float] = random.random
+) -> float:
     """The ``time.monotonic()`` instant of the next restart."""
     return now + delay(failures, initial, cap, rand)

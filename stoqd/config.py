@@ -95,65 +95,160 @@ SUPERVISION_KEYS = ("startsecs", "startretries", "backoff_initial", "backoff_max
 SCHEMA: Tuple[Setting, ...] = (
     # [core]: stoQ's keys, same names and meaning
     Setting("core", "providers", parse_list, "", "Provider plugins to run.", True),
-    Setting("core", "source_archivers", parse_list, "",
-            "Archivers that turn a provider's reference into a payload.", True),
-    Setting("core", "dest_archivers", parse_list, "",
-            "Archivers that store every payload.", True),
+    Setting(
+        "core",
+        "source_archivers",
+        parse_list,
+        "",
+        "Archivers that turn a provider's reference into a payload.",
+        True,
+    ),
+    Setting("core", "dest_archivers", parse_list, "", "Archivers that store every payload.", True),
     Setting("core", "connectors", parse_list, "", "Connectors that save results.", True),
-    Setting("core", "dispatchers", parse_list, "",
-            "Dispatchers that choose workers per payload.", True),
-    Setting("core", "decorators", parse_list, "",
-            "Decorators run over each finished response.", True),
-    Setting("core", "always_dispatch", parse_list, "",
-            "Workers every payload goes to.", True),
-    Setting("core", "max_queue", _positive_int, "100",
-            "Items the work queue holds before providers block (backpressure)."),
-    Setting("core", "max_recursion", _positive_int, "3",
-            "How deep extracted payloads are scanned."),
-    Setting("core", "max_dispatch_passes", _positive_int, "1",
-            "Dispatch rounds per payload."),
-    Setting("core", "max_payload_size", _size, "256M",
-            "Payloads larger than this are not scanned (0: no limit)."),
-    Setting("core", "plugin_dir_list", parse_list, "",
-            "Directories searched recursively for .stoq plugin files "
-            "(relative to this file)."),
+    Setting(
+        "core", "dispatchers", parse_list, "", "Dispatchers that choose workers per payload.", True
+    ),
+    Setting(
+        "core", "decorators", parse_list, "", "Decorators run over each finished response.", True
+    ),
+    Setting("core", "always_dispatch", parse_list, "", "Workers every payload goes to.", True),
+    Setting(
+        "core",
+        "max_queue",
+        _positive_int,
+        "100",
+        "Items the work queue holds before providers block (backpressure).",
+    ),
+    Setting(
+        "core", "max_recursion", _positive_int, "3", "How deep extracted payloads are scanned."
+    ),
+    Setting("core", "max_dispatch_passes", _positive_int, "1", "Dispatch rounds per payload."),
+    Setting(
+        "core",
+        "max_payload_size",
+        _size,
+        "256M",
+        "Payloads larger than this are not scanned (0: no limit).",
+    ),
+    Setting(
+        "core",
+        "plugin_dir_list",
+        parse_list,
+        "",
+        "Directories searched recursively for .stoq plugin files (relative to this file).",
+    ),
     Setting("core", "log_level", _log_level, "INFO", "Log level."),
-    Setting("core", "log_syntax", str, "auto",
-            "Log format: json, text, or auto (text on a terminal, else json)."),
-    Setting("core", "provider_consumers", _positive_int, "0",
-            "stoQ v2's consumer count; stoqd reads it as [stoqd] workers when that is unset."),
+    Setting(
+        "core",
+        "log_syntax",
+        str,
+        "auto",
+        "Log format: json, text, or auto (text on a terminal, else json).",
+    ),
+    Setting(
+        "core",
+        "provider_consumers",
+        _positive_int,
+        "0",
+        "stoQ v2's consumer count; stoqd reads it as [stoqd] workers when that is unset.",
+    ),
     # [stoqd]: the daemon's own settings
-    Setting("stoqd", "workers", _positive_int, "0",
-            "Scanning worker processes (0: one per core)."),
-    Setting("stoqd", "graceful_timeout", _positive_float, "30",
-            "Seconds in-flight work gets to finish on shutdown."),
-    Setting("stoqd", "scan_timeout", _positive_float, "300",
-            "Hard limit in seconds on one payload's scan; the worker is killed past it."),
-    Setting("stoqd", "max_attempts", _positive_int, "3",
-            "Worker deaths one payload may cause before it is quarantined."),
-    Setting("stoqd", "worker_max_payloads", _positive_int, "0",
-            "Recycle a worker after this many payloads (0: never)."),
-    Setting("stoqd", "worker_max_rss", _size, "0",
-            "Recycle a worker whose resident memory exceeds this (0: never)."),
-    Setting("stoqd", "inline_max_bytes", _size, "256K",
-            "Payloads larger than this travel as a spooled file, not through the pipe."),
-    Setting("stoqd", "spool_dir", str, "",
-            "Where large payloads are spooled (default: /dev/shm/stoqd-PID or the temp dir)."),
-    Setting("stoqd", "control_socket", str, "var/run/stoqd.sock",
-            "Unix socket stoqctl talks to (relative to this file)."),
-    Setting("stoqd", "control_group", str, "",
-            "Group allowed to use the control socket (mode 0660); empty: 0600."),
-    Setting("stoqd", "metrics_address", str, "",
-            "host:port for a Prometheus endpoint; empty: off."),
-    Setting("stoqd", "startsecs", _positive_float, "1",
-            "A provider up this long has started; its failure count resets."),
-    Setting("stoqd", "startretries", _positive_int, "5",
-            "Failed starts in a row before a provider is FATAL."),
-    Setting("stoqd", "backoff_initial", _positive_float, "0.25",
-            "First restart delay in seconds; doubles per failure, with jitter."),
+    Setting("stoqd", "workers", _positive_int, "0", "Scanning worker processes (0: one per core)."),
+    Setting(
+        "stoqd",
+        "graceful_timeout",
+        _positive_float,
+        "30",
+        "Seconds in-flight work gets to finish on shutdown.",
+    ),
+    Setting(
+        "stoqd",
+        "scan_timeout",
+        _positive_float,
+        "300",
+        "Hard limit in seconds on one payload's scan; the worker is killed past it.",
+    ),
+    Setting(
+        "stoqd",
+        "max_attempts",
+        _positive_int,
+        "3",
+        "Worker deaths one payload may cause before it is quarantined.",
+    ),
+    Setting(
+        "stoqd",
+        "worker_max_payloads",
+        _positive_int,
+        "0",
+        "Recycle a worker after this many payloads (0: never).",
+    ),
+    Setting(
+        "stoqd",
+        "worker_max_rss",
+        _size,
+        "0",
+        "Recycle a worker whose resident memory exceeds this (0: never).",
+    ),
+    Setting(
+        "stoqd",
+        "inline_max_bytes",
+        _size,
+        "256K",
+        "Payloads larger than this travel as a spooled file, not through the pipe.",
+    ),
+    Setting(
+        "stoqd",
+        "spool_dir",
+        str,
+        "",
+        "Where large payloads are spooled (default: /dev/shm/stoqd-PID or the temp dir).",
+    ),
+    Setting(
+        "stoqd",
+        "control_socket",
+        str,
+        "var/run/stoqd.sock",
+        "Unix socket stoqctl talks to (relative to this file).",
+    ),
+    Setting(
+        "stoqd",
+        "control_group",
+        str,
+        "",
+        "Group allowed to use the control socket (mode 0660); empty: 0600.",
+    ),
+    Setting(
+        "stoqd", "metrics_address", str, "", "host:port for a Prometheus endpoint; empty: off."
+    ),
+    Setting(
+        "stoqd",
+        "startsecs",
+        _positive_float,
+        "1",
+        "A provider up this long has started; its failure count resets.",
+    ),
+    Setting(
+        "stoqd",
+        "startretries",
+        _positive_int,
+        "5",
+        "Failed starts in a row before a provider is FATAL.",
+    ),
+    Setting(
+        "stoqd",
+        "backoff_initial",
+        _positive_float,
+        "0.25",
+        "First restart delay in seconds; doubles per failure, with jitter.",
+    ),
     Setting("stoqd", "backoff_max", _positive_float, "30", "Longest restart delay in seconds."),
-    Setting("stoqd", "autostart", parse_bool, "true",
-            "Start providers with the daemon (false: wait for stoqctl start)."),
+    Setting(
+        "stoqd",
+        "autostart",
+        parse_bool,
+        "true",
+        "Start providers with the daemon (false: wait for stoqctl start).",
+    ),
 )
 
 _BY_SECTION: Dict[str, Dict[str, Setting]] = {}
@@ -252,14 +347,13 @@ def _validate(file: Path, parser: configparser.ConfigParser) -> Config:
                 else:
                     config.values[section][key] = _parse_value(where, known[key], raw, problems)
         elif section.startswith(PROVIDER_SECTION_PREFIX):
-            name = section[len(PROVIDER_SECTION_PREFIX):]
+            name = section[len(PROVIDER_SECTION_PREFIX) :]
             overrides = config.provider_overrides.setdefault(name, {})
             for key, raw in parser.items(section):
                 if key not in SUPERVISION_KEYS:
                     hint = _did_you_mean(key, SUPERVISION_KEYS)
                     problems.append(
-                        f"{where} {key}: unknown key{hint} "
-                        f"(allowed: {', '.join(SUPERVISION_KEYS)})"
+                        f"{where} {key}: unknown key{hint} (allowed: {', '.join(SUPERVISION_KEYS)})"
                     )
                 else:
                     overrides[key] = _parse_value(where, _BY_SECTION["stoqd"][key], raw, problems)

@@ -48,7 +48,9 @@ def request(path: str, message: Dict[str, Any], timeout: float = 10.0) -> Dict[s
                 break
             data += chunk
     except OSError as exc:
-        raise DaemonDown(f"stoqd is not running (cannot connect to {path}: {exc.strerror or exc})")
+        raise DaemonDown(
+            f"stoqd is not running (cannot connect to {path}: {exc.strerror or exc})"
+        ) from None
     finally:
         sock.close()
     if not data:
@@ -76,7 +78,8 @@ def _provider_info(p: Dict[str, Any]) -> str:
 def _table(rows: List[List[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
     )
 
 
@@ -86,16 +89,33 @@ def render(status: Dict[str, Any]) -> str:
     lines = [f"stoqd {daemon['state']}, pid {daemon['pid']}, uptime {_duration(daemon['uptime'])}"]
     rows = [["PROVIDER", "STATE", "PID", "UPTIME", "RESTARTS", "PUT", "SAVED", "FAILED", "INFO"]]
     for p in status["providers"]:
-        rows.append([p["name"], p["state"], str(p["pid"] or "-"), _duration(p["uptime"]),
-                     str(p["restarts"]), str(p["put"]), str(p["saved"]), str(p["failed"]),
-                     _provider_info(p)])  # fmt: skip
+        rows.append(
+            [
+                p["name"],
+                p["state"],
+                str(p["pid"] or "-"),
+                _duration(p["uptime"]),
+                str(p["restarts"]),
+                str(p["put"]),
+                str(p["saved"]),
+                str(p["failed"]),
+                _provider_info(p),
+            ]
+        )
     lines += ["", _table(rows)]
     rows = [["WORKER", "PID", "STATE", "CURRENT", "AGE", "DONE"]]
     for w in status["workers"]:
         current = w.get("current") or {}
-        rows.append([str(w["id"]), str(w["pid"]), w["state"],
-                     f"{current['provider']}#{current['seq']}" if current else "-",
-                     f"{current['age']:.1f}s" if current else "-", str(w["payloads"])])  # fmt: skip
+        rows.append(
+            [
+                str(w["id"]),
+                str(w["pid"]),
+                w["state"],
+                f"{current['provider']}#{current['seq']}" if current else "-",
+                f"{current['age']:.1f}s" if current else "-",
+                str(w["payloads"]),
+            ]
+        )
     lines += ["", _table(rows)]
     queue = status["queue"]
     lines += ["", f"queue: {queue['depth']}/{queue['max']} waiting, {queue['in_flight']} in flight"]
@@ -104,7 +124,9 @@ def render(status: Dict[str, Any]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="stoqctl", description="Control a running stoqd.")
-    parser.add_argument("-c", "--config", help=f"stoqd's config file (default: $STOQ_CONFIG or {DEFAULT_CONFIG})")
+    parser.add_argument(
+        "-c", "--config", help=f"stoqd's config file (default: $STOQ_CONFIG or {DEFAULT_CONFIG})"
+    )
     parser.add_argument("-s", "--socket", help="control socket path (default: from the config)")
     sub = parser.add_subparsers(dest="command", required=True)
     status_parser = sub.add_parser("status", help="providers, workers and the queue")

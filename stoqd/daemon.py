@@ -23,7 +23,7 @@ def _error(message: str) -> None:
 
 
 def run_daemon(
-    stoq: "Stoq",
+    stoq: Stoq,
     request_meta: Optional[RequestMeta] = None,
     add_start_dispatch: Optional[List[str]] = None,
 ) -> int:
@@ -59,19 +59,21 @@ def run_daemon(
             "source": request_meta.source,
             "extra_data": request_meta.extra_data,
         }
+    from .hooks import attach
+    from .metrics import MetricsError
+
     supervisor = Supervisor(stoq, request_meta=meta, add_start_dispatch=add_start_dispatch)
-    _attach_hooks(supervisor)
+    try:
+        metrics = attach(supervisor)
+    except MetricsError as exc:
+        where = stoq.config.path or "the configuration"
+        _error(f"{where}: [stoqd] metrics_address: {exc}")
+        return EX_CONFIG
     try:
         return supervisor.run()
     except SocketInUse as exc:
         _error(str(exc))
         return EX_UNAVAILABLE
-
-
-def _attach_hooks(supervisor: Any) -> None:
-    """systemd notify and metrics, when those modules are present and configured."""
-    try:
-        from .hooks import attach
-    except ImportError:
-        return
-    attach(supervisor)
+    finally:
+        if metrics is not None:
+            metrics.close()

@@ -32,7 +32,9 @@ def _read_supervisor(endpoint: Endpoint, queue: ProviderQueue) -> None:
             log.error("done_callback_failed", error=childproc.one_line(exc))
 
 
-def provider_main(name: str, sock: socket.socket, spec: Dict[str, Any], settings: Dict[str, Any]) -> None:
+def provider_main(
+    name: str, sock: socket.socket, spec: Dict[str, Any], settings: Dict[str, Any]
+) -> None:
     childproc.prepare(f"provider:{name}", settings)
     log = logs.get()
     endpoint = Endpoint(sock)

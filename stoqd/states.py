@@ -12,10 +12,10 @@ A start counts as failed when the provider dies before it has been RUNNING for
 ``ingest`` returned: the source ran dry) is never restarted.
 """
 
-from enum import Enum
+from enum import StrEnum
 
 
-class State(str, Enum):
+class State(StrEnum):
     STOPPED = "STOPPED"
     STARTING = "STARTING"
     RUNNING = "RUNNING"
@@ -25,7 +25,7 @@ class State(str, Enum):
     FATAL = "FATAL"
 
 
-class Event(str, Enum):
+class Event(StrEnum):
     START = "start"  # spawn requested (autostart, stoqctl start, backoff elapsed)
     READY = "ready"  # the child loaded its plugin and entered ingest()
     RETURNED = "returned"  # ingest() returned: source exhausted
@@ -45,9 +45,7 @@ class IllegalTransition(Exception):
     pass
 
 
-def next_state(
-    state: State, event: Event, *, failures: int = 0, startretries: int = 0
-) -> State:
+def next_state(state: State, event: Event, *, failures: int = 0, startretries: int = 0) -> State:
     """The state after ``event``. ``failures`` counts failed starts in a row, this one included."""
     if event is Event.STOP:
         if state in (State.STARTING, State.RUNNING):
@@ -57,8 +55,12 @@ def next_state(
         return state
     if event is Event.EXITED and state is State.STOPPING:
         return State.STOPPED
-    if event is Event.START and state in (State.STOPPED, State.BACKOFF, State.FATAL,
-                                          State.EXHAUSTED):  # fmt: skip
+    if event is Event.START and state in (
+        State.STOPPED,
+        State.BACKOFF,
+        State.FATAL,
+        State.EXHAUSTED,
+    ):
         return State.STARTING
     if event is Event.READY and state is State.STARTING:
         return State.RUNNING

@@ -21,15 +21,16 @@ import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional
 
-from . import backoff, config as configuration, logs
-from .children import Item, ProviderHandle, WorkerHandle, describe_exit, rss_bytes
+from . import backoff, logs
+from . import config as configuration
 from .childproc import EXIT_BOOT
+from .children import Item, ProviderHandle, WorkerHandle, describe_exit, rss_bytes
 from .control import server as control_server
 from .control.protocol import ControlError
 from .framework.core import Stoq
 from .providerproc import provider_main
-from .states import FINISHED, Event, State, next_state
-from .wire import Channel, Message
+from .states import Event, State, next_state
+from .wire import Channel
 from .workers import worker_main
 from .workqueue import FAILED, NOT_DONE, SAVED, new_spool_dir
 
@@ -69,8 +70,13 @@ class Supervisor:
         self.stopping_since: Optional[float] = None
         self.exit_code = 0
         self.started = time.monotonic()
-        self.counters = {"worker_recycles": 0, "worker_kills": 0, "timeouts": 0,
-                         "quarantined": 0, "worker_deaths": 0}  # fmt: skip
+        self.counters = {
+            "worker_recycles": 0,
+            "worker_kills": 0,
+            "timeouts": 0,
+            "quarantined": 0,
+            "worker_deaths": 0,
+        }
         self.scan_seconds: Dict[str, Dict[str, Any]] = {}
         self.last_rss_check = 0.0
         self.hooks: List[Any] = []  # objects with on_ready/on_tick/on_stopping/on_reload
@@ -108,8 +114,13 @@ class Supervisor:
         self.control = control_server.listen(path, self.daemon["control_group"])
         self.control_path = path
         self.selector.register(self.control, selectors.EVENT_READ, self._on_control_accept)
-        log.info("starting", pid=os.getpid(), workers=self.n_workers,
-                 providers=list(self.stoq.core("providers")), control_socket=path)  # fmt: skip
+        log.info(
+            "starting",
+            pid=os.getpid(),
+            workers=self.n_workers,
+            providers=list(self.stoq.core("providers")),
+            control_socket=path,
+        )
         try:
             for _ in range(self.n_workers):
                 self._spawn_worker()
@@ -149,8 +160,11 @@ class Supervisor:
 
     def _timeout(self) -> float:
         deadlines = [p.next_retry for p in self.providers.values() if p.next_retry]
-        deadlines += [w.current_since + self.daemon["scan_timeout"]
-                      for w in self.workers.values() if w.assigned]  # fmt: skip
+        deadlines += [
+            w.current_since + self.daemon["scan_timeout"]
+            for w in self.workers.values()
+            if w.assigned
+        ]
         timeout = 1.0
         if deadlines:
             timeout = min(timeout, max(0.0, min(deadlines) - time.monotonic()))
@@ -182,15 +196,18 @@ class Supervisor:
         handle.next_retry = None
         handle.ready_at = None
         handle.credits = 0
-        channel = handle.spawn(
-            self.ctx, provider_main, handle.name, self.spec, self.child_settings
+        channel = handle.spawn(self.ctx, provider_main, handle.name, self.spec, self.child_settings)
+        self.selector.register(
+            channel, selectors.EVENT_READ, lambda _, h=handle: self._on_provider_readable(h)
         )
-        self.selector.register(channel, selectors.EVENT_READ,
-                               lambda _, h=handle: self._on_provider_readable(h))  # fmt: skip
-        self.selector.register(handle.process.sentinel, selectors.EVENT_READ,
-                               lambda _, h=handle: self._on_provider_exit(h))  # fmt: skip
-        log.info("spawned", provider=handle.name, child_pid=handle.pid,
-                 generation=handle.generation)  # fmt: skip
+        self.selector.register(
+            handle.process.sentinel,
+            selectors.EVENT_READ,
+            lambda _, h=handle: self._on_provider_exit(h),
+        )
+        log.info(
+            "spawned", provider=handle.name, child_pid=handle.pid, generation=handle.generation
+        )
 
     def _on_provider_readable(self, handle: ProviderHandle) -> None:
         assert handle.channel is not None
@@ -201,7 +218,9 @@ class Supervisor:
         for header, body in messages:
             self._on_provider_message(handle, header, body)
 
-    def _on_provider_message(self, handle: ProviderHandle, header: Dict[str, Any], body: bytes) -> None:
+    def _on_provider_message(
+        self, handle: ProviderHandle, header: Dict[str, Any], body: bytes
+    ) -> None:
         kind = header.get("t")
         if kind == "item":
             self._enqueue(handle, header, body)
@@ -248,8 +267,12 @@ class Supervisor:
             log.info("exited", provider=handle.name, exit=how, reason="exhausted")
         elif code == EXIT_BOOT:
             handle.state = next_state(handle.state, Event.BOOT_FAILED)
-            log.error("fatal", provider=handle.name, error=handle.last_error,
-                      reason="cannot load the plugin")  # fmt: skip
+            log.error(
+                "fatal",
+                provider=handle.name,
+                error=handle.last_error,
+                reason="cannot load the plugin",
+            )
         elif code == 0:
             handle.state = next_state(handle.state, Event.RETURNED)
             log.info("exhausted", provider=handle.name, put=handle.put)
@@ -261,16 +284,31 @@ class Supervisor:
         stayed_up = handle.ready_at is not None and now - handle.ready_at >= settings["startsecs"]
         handle.failures = 1 if stayed_up else handle.failures + 1
         handle.last_error = handle.last_error or how
-        handle.state = next_state(handle.state, Event.CRASHED, failures=handle.failures,
-                                  startretries=settings["startretries"])  # fmt: skip
+        handle.state = next_state(
+            handle.state,
+            Event.CRASHED,
+            failures=handle.failures,
+            startretries=settings["startretries"],
+        )
         if handle.state is State.FATAL:
-            log.error("fatal", provider=handle.name, exit=how, failures=handle.failures,
-                      error=handle.last_error)  # fmt: skip
+            log.error(
+                "fatal",
+                provider=handle.name,
+                exit=how,
+                failures=handle.failures,
+                error=handle.last_error,
+            )
             return
-        handle.next_retry = backoff.retry_at(now, handle.failures, settings["backoff_initial"],
-                                             settings["backoff_max"])  # fmt: skip
-        log.warning("backoff", provider=handle.name, exit=how, error=handle.last_error,
-                    retry_in=round(handle.next_retry - now, 3))  # fmt: skip
+        handle.next_retry = backoff.retry_at(
+            now, handle.failures, settings["backoff_initial"], settings["backoff_max"]
+        )
+        log.warning(
+            "backoff",
+            provider=handle.name,
+            exit=how,
+            error=handle.last_error,
+            retry_in=round(handle.next_retry - now, 3),
+        )
 
     def _restart_due(self, now: float) -> None:
         for handle in self.providers.values():
@@ -305,10 +343,14 @@ class Supervisor:
         worker = WorkerHandle(wid=self.next_wid, config_generation=self.config_generation)
         channel = worker.spawn(self.ctx, worker_main, worker.wid, self.spec, self.child_settings)
         self.workers[worker.wid] = worker
-        self.selector.register(channel, selectors.EVENT_READ,
-                               lambda _, w=worker: self._on_worker_readable(w))  # fmt: skip
-        self.selector.register(worker.process.sentinel, selectors.EVENT_READ,
-                               lambda _, w=worker: self._on_worker_exit(w))  # fmt: skip
+        self.selector.register(
+            channel, selectors.EVENT_READ, lambda _, w=worker: self._on_worker_readable(w)
+        )
+        self.selector.register(
+            worker.process.sentinel,
+            selectors.EVENT_READ,
+            lambda _, w=worker: self._on_worker_exit(w),
+        )
         log.info("spawned", worker=worker.wid, child_pid=worker.pid)
         return worker
 
@@ -351,8 +393,13 @@ class Supervisor:
         expected = worker.retiring or self.stopping_since is not None
         if not expected or worker.assigned:
             self.counters["worker_deaths"] += 1
-            log.warning("exited", worker=worker.wid, exit=describe_exit(code),
-                        items=len(worker.assigned), reason=worker.killed_for)  # fmt: skip
+            log.warning(
+                "exited",
+                worker=worker.wid,
+                exit=describe_exit(code),
+                items=len(worker.assigned),
+                reason=worker.killed_for,
+            )
         else:
             log.info("exited", worker=worker.wid, exit=describe_exit(code))
         self._requeue_from(worker)
@@ -374,8 +421,9 @@ class Supervisor:
                 if item.attempts >= max(1, self.daemon["max_attempts"]):
                     item.fail = f"quarantined: killed {item.attempts} workers while being scanned"
                     self.counters["quarantined"] += 1
-                    log.error("quarantined", provider=item.provider, seq=item.seq,
-                              attempts=item.attempts)  # fmt: skip
+                    log.error(
+                        "quarantined", provider=item.provider, seq=item.seq, attempts=item.attempts
+                    )
             if self.stopping_since is not None and item.fail is None:
                 self._finish(self.items.pop(seq), NOT_DONE, "daemon stopped", None)
                 continue
@@ -386,8 +434,11 @@ class Supervisor:
 
     def _dispatch(self, now: float) -> None:
         while self.queue:
-            idle = [w for w in self.workers.values()
-                    if w.ready and not w.retiring and len(w.assigned) < PREFETCH]  # fmt: skip
+            idle = [
+                w
+                for w in self.workers.values()
+                if w.ready and not w.retiring and len(w.assigned) < PREFETCH
+            ]
             if not idle:
                 return
             worker = min(idle, key=lambda w: len(w.assigned))
@@ -450,8 +501,9 @@ class Supervisor:
     def _retire(self, worker: WorkerHandle, reason: str) -> None:
         worker.retiring = True
         self.counters["worker_recycles"] += 1
-        log.info("recycling", worker=worker.wid, reason=reason, payloads=worker.payloads,
-                 rss=worker.rss)  # fmt: skip
+        log.info(
+            "recycling", worker=worker.wid, reason=reason, payloads=worker.payloads, rss=worker.rss
+        )
         self._spawn_worker()  # the replacement starts before the old one leaves
         assert worker.channel is not None
         worker.channel.send({"t": "exit"})  # after the items it already holds
@@ -459,9 +511,14 @@ class Supervisor:
     def _record_timings(self, timings: Dict[str, float]) -> None:
         for plugin, seconds in timings.items():
             histogram = self.scan_seconds.setdefault(
-                plugin, {"buckets": list(HISTOGRAM_BUCKETS),
-                         "counts": [0] * len(HISTOGRAM_BUCKETS), "sum": 0.0, "count": 0}
-            )  # fmt: skip
+                plugin,
+                {
+                    "buckets": list(HISTOGRAM_BUCKETS),
+                    "counts": [0] * len(HISTOGRAM_BUCKETS),
+                    "sum": 0.0,
+                    "count": 0,
+                },
+            )
             histogram["sum"] += seconds
             histogram["count"] += 1
             for index, bound in enumerate(HISTOGRAM_BUCKETS):
@@ -470,7 +527,9 @@ class Supervisor:
 
     # -- outcomes ---------------------------------------------------------------------
 
-    def _finish(self, item: Item, status: str, error: Optional[str], scan_id: Optional[str]) -> None:
+    def _finish(
+        self, item: Item, status: str, error: Optional[str], scan_id: Optional[str]
+    ) -> None:
         handle = self.providers.get(item.provider)
         if item.header.get("kind") == "spool":
             _unlink(item.header["path"])
@@ -484,8 +543,15 @@ class Supervisor:
             handle.failed += 1
         channel = handle.channel
         if handle.generation == item.generation and channel is not None and not channel.closed:
-            channel.send({"t": "done", "id": item.item_id, "status": status, "error": error,
-                          "scan_id": scan_id})  # fmt: skip
+            channel.send(
+                {
+                    "t": "done",
+                    "id": item.item_id,
+                    "status": status,
+                    "error": error,
+                    "scan_id": scan_id,
+                }
+            )
 
     # -- shutdown ---------------------------------------------------------------------
 
@@ -493,8 +559,12 @@ class Supervisor:
         if self.stopping_since is not None:
             return
         self.stopping_since = time.monotonic()
-        log.info("stopping", reason=reason, queued=len(self.queue),
-                 in_flight=len(self.items) - len(self.queue))  # fmt: skip
+        log.info(
+            "stopping",
+            reason=reason,
+            queued=len(self.queue),
+            in_flight=len(self.items) - len(self.queue),
+        )
         for hook in self.hooks:
             hook.on_stopping(self)
         for handle in self.providers.values():
@@ -533,7 +603,9 @@ class Supervisor:
                 return False
             fatal = [p.name for p in self.providers.values() if p.state is State.FATAL]
             self.exit_code = 1 if fatal else 0
-            self.begin_shutdown("every provider is finished" + (f"; fatal: {fatal}" if fatal else ""))
+            self.begin_shutdown(
+                "every provider is finished" + (f"; fatal: {fatal}" if fatal else "")
+            )
         alive = [c for c in [*self.workers.values(), *self.providers.values()] if c.alive()]
         return not alive
 

@@ -46,15 +46,29 @@ class RecordingQueue:
     stats: Dict[str, Any] = field(default_factory=dict)
     stopping: threading.Event = field(default_factory=threading.Event)
 
-    def put(self, item: Any, block: bool = True, timeout: Optional[float] = None, *,
-            done: Optional[DoneCallback] = None, request_meta: Optional[RequestMeta] = None) -> None:  # fmt: skip
+    def put(
+        self,
+        item: Any,
+        block: bool = True,
+        timeout: Optional[float] = None,
+        *,
+        done: Optional[DoneCallback] = None,
+        request_meta: Optional[RequestMeta] = None,
+    ) -> None:
         if isinstance(item, (bytes, bytearray)):
             item = Payload(bytes(item))
         self._record(Put(item, done=done, request_meta=request_meta))
 
-    def put_file(self, path: Union[str, "os.PathLike[str]"], payload_meta: Optional[PayloadMeta] = None,
-                 *, done: Optional[DoneCallback] = None, request_meta: Optional[RequestMeta] = None,
-                 block: bool = True, timeout: Optional[float] = None) -> None:  # fmt: skip
+    def put_file(
+        self,
+        path: Union[str, os.PathLike[str]],
+        payload_meta: Optional[PayloadMeta] = None,
+        *,
+        done: Optional[DoneCallback] = None,
+        request_meta: Optional[RequestMeta] = None,
+        block: bool = True,
+        timeout: Optional[float] = None,
+    ) -> None:
         self._record(Put(payload_meta, path=os.fspath(path), done=done, request_meta=request_meta))
 
     def _record(self, put: Put) -> None:
@@ -150,8 +164,10 @@ class Daemon:
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "stoqd.ctl", "-s", str(self.socket), *args],
-            capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
 
     def status(self) -> Dict[str, Any]:
         result = self.ctl("status", "--json")
@@ -162,8 +178,12 @@ class Daemon:
     def provider(self, name: str) -> Dict[str, Any]:
         return next(p for p in self.status()["providers"] if p["name"] == name)
 
-    def wait_for(self, predicate: Callable[[Dict[str, Any]], bool], timeout: float = 30.0,
-                 what: str = "condition") -> Dict[str, Any]:  # fmt: skip
+    def wait_for(
+        self,
+        predicate: Callable[[Dict[str, Any]], bool],
+        timeout: float = 30.0,
+        what: str = "condition",
+    ) -> Dict[str, Any]:
         """Poll the status until ``predicate(status)`` holds."""
         deadline = time.monotonic() + timeout
         last: Any = None

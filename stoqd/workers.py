@@ -17,7 +17,9 @@ from .wire import Endpoint
 from .workqueue import FAILED, SAVED, ItemError, load_payload, request_meta_of
 
 
-def worker_main(wid: int, sock: socket.socket, spec: Dict[str, Any], settings: Dict[str, Any]) -> None:
+def worker_main(
+    wid: int, sock: socket.socket, spec: Dict[str, Any], settings: Dict[str, Any]
+) -> None:
     childproc.prepare(f"worker:{wid}", settings)
     log = logs.get()
     endpoint = Endpoint(sock)

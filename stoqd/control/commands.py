@@ -17,26 +17,28 @@ def _age(since: Optional[float], now: float) -> Optional[float]:
     return None if since is None else round(now - since, 3)
 
 
-def status(sup: "Supervisor") -> Dict[str, Any]:
+def status(sup: Supervisor) -> Dict[str, Any]:
     """Everything `stoqctl status` shows; also what the metrics endpoint exports."""
     now = time.monotonic()
     providers = []
     for handle in sup.providers.values():
-        providers.append({
-            "name": handle.name,
-            "state": handle.state.value,
-            "pid": handle.pid if handle.alive() else None,
-            "uptime": _age(handle.ready_at, now) if handle.alive() else None,
-            "restarts": handle.restarts,
-            "failures": handle.failures,
-            "put": handle.put,
-            "saved": handle.saved,
-            "failed": handle.failed,
-            "queued": handle.queued,
-            "last_error": handle.last_error,
-            "next_retry_in": _age(now, handle.next_retry) if handle.next_retry else None,
-            "stats": handle.stats,
-        })  # fmt: skip
+        providers.append(
+            {
+                "name": handle.name,
+                "state": handle.state.value,
+                "pid": handle.pid if handle.alive() else None,
+                "uptime": _age(handle.ready_at, now) if handle.alive() else None,
+                "restarts": handle.restarts,
+                "failures": handle.failures,
+                "put": handle.put,
+                "saved": handle.saved,
+                "failed": handle.failed,
+                "queued": handle.queued,
+                "last_error": handle.last_error,
+                "next_retry_in": _age(now, handle.next_retry) if handle.next_retry else None,
+                "stats": handle.stats,
+            }
+        )
     workers = []
     for worker in sup.workers.values():
         current = None
@@ -47,12 +49,23 @@ def status(sup: "Supervisor") -> Dict[str, Any]:
                 "seq": worker.assigned[0],
                 "age": round(now - worker.current_since, 3),
             }
-        state = "starting" if not worker.ready else "retiring" if worker.retiring else (
-            "busy" if worker.assigned else "idle")  # fmt: skip
-        workers.append({
-            "id": worker.wid, "pid": worker.pid, "state": state, "current": current,
-            "payloads": worker.payloads, "rss": worker.rss,
-        })  # fmt: skip
+        state = (
+            "starting"
+            if not worker.ready
+            else "retiring"
+            if worker.retiring
+            else ("busy" if worker.assigned else "idle")
+        )
+        workers.append(
+            {
+                "id": worker.wid,
+                "pid": worker.pid,
+                "state": state,
+                "current": current,
+                "payloads": worker.payloads,
+                "rss": worker.rss,
+            }
+        )
     return {
         "daemon": {
             "pid": os.getpid(),
@@ -80,13 +93,13 @@ def _named(request: Dict[str, Any]) -> str:
     return name
 
 
-def _start(sup: "Supervisor", request: Dict[str, Any]) -> Dict[str, Any]:
+def _start(sup: Supervisor, request: Dict[str, Any]) -> Dict[str, Any]:
     handle = sup.provider(_named(request))
     sup.start_provider(handle)
     return {"message": f"{handle.name}: started"}
 
 
-def _stop(sup: "Supervisor", request: Dict[str, Any]) -> Dict[str, Any]:
+def _stop(sup: Supervisor, request: Dict[str, Any]) -> Dict[str, Any]:
     handle = sup.provider(_named(request))
     if not handle.alive() and handle.state.value != "BACKOFF":
         raise ControlError(f"provider {handle.name} is not running ({handle.state.value})")
@@ -94,23 +107,23 @@ def _stop(sup: "Supervisor", request: Dict[str, Any]) -> Dict[str, Any]:
     return {"message": f"{handle.name}: stopping"}
 
 
-def _restart(sup: "Supervisor", request: Dict[str, Any]) -> Dict[str, Any]:
+def _restart(sup: Supervisor, request: Dict[str, Any]) -> Dict[str, Any]:
     handle = sup.provider(_named(request))
     sup.restart_provider(handle)
     return {"message": f"{handle.name}: restarting"}
 
 
-def _shutdown(sup: "Supervisor", request: Dict[str, Any]) -> Dict[str, Any]:
+def _shutdown(sup: Supervisor, request: Dict[str, Any]) -> Dict[str, Any]:
     sup.begin_shutdown("stoqctl shutdown")
     return {"message": "shutting down"}
 
 
-def _reload(sup: "Supervisor", request: Dict[str, Any]) -> Dict[str, Any]:
+def _reload(sup: Supervisor, request: Dict[str, Any]) -> Dict[str, Any]:
     sup.reload()
     return {"message": "reload requested; see the log for the outcome"}
 
 
-COMMANDS: Dict[str, Callable[["Supervisor", Dict[str, Any]], Dict[str, Any]]] = {
+COMMANDS: Dict[str, Callable[[Supervisor, Dict[str, Any]], Dict[str, Any]]] = {
     "status": lambda sup, _: {"status": status(sup)},
     "start": _start,
     "stop": _stop,
@@ -120,7 +133,7 @@ COMMANDS: Dict[str, Callable[["Supervisor", Dict[str, Any]], Dict[str, Any]]] = 
 }
 
 
-def dispatch(sup: "Supervisor", request: Dict[str, Any]) -> Dict[str, Any]:
+def dispatch(sup: Supervisor, request: Dict[str, Any]) -> Dict[str, Any]:
     command = COMMANDS.get(request["cmd"])
     if command is None:
         raise ControlError(f"unknown command {request['cmd']} (commands: {', '.join(COMMANDS)})")

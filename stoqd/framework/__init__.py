@@ -16,7 +16,18 @@ from .data import (
 from .exceptions import StoqException, StoqPluginException, StoqPluginNotFound
 
 __all__ = [
-    "ArchiverResponse", "DecoratorResponse", "DispatcherResponse", "ExtractedPayload",
-    "Payload", "PayloadMeta", "PayloadResults", "RequestMeta", "Stoq", "StoqException",
-    "StoqPluginException", "StoqPluginNotFound", "StoqResponse", "WorkerResponse",
-]  # fmt: skip
+    "ArchiverResponse",
+    "DecoratorResponse",
+    "DispatcherResponse",
+    "ExtractedPayload",
+    "Payload",
+    "PayloadMeta",
+    "PayloadResults",
+    "RequestMeta",
+    "Stoq",
+    "StoqException",
+    "StoqPluginException",
+    "StoqPluginNotFound",
+    "StoqResponse",
+    "WorkerResponse",
+]

@@ -20,10 +20,19 @@ log = logging.getLogger("stoqd")
 # command line) always wins over the file: stoQ v2 let the file's max_recursion win,
 # which surprised users, and stoqd does not keep that quirk.
 _CORE_ARGS = (
-    "providers", "source_archivers", "dest_archivers", "connectors", "dispatchers",
-    "decorators", "always_dispatch", "max_queue", "max_recursion", "max_dispatch_passes",
-    "max_payload_size", "log_level",
-)  # fmt: skip
+    "providers",
+    "source_archivers",
+    "dest_archivers",
+    "connectors",
+    "dispatchers",
+    "decorators",
+    "always_dispatch",
+    "max_queue",
+    "max_recursion",
+    "max_dispatch_passes",
+    "max_payload_size",
+    "log_level",
+)
 
 
 class Stoq(PluginSource):
@@ -84,7 +93,7 @@ class Stoq(PluginSource):
         }
 
     @classmethod
-    def from_spec(cls, spec: Dict[str, Any]) -> "Stoq":
+    def from_spec(cls, spec: Dict[str, Any]) -> Stoq:
         return cls(
             config=spec["config"],
             plugin_dir_list=spec["plugin_dir_list"],
@@ -121,8 +130,14 @@ class Stoq(PluginSource):
 
     def load_scan_plugins(self) -> None:
         """Build every plugin a scan may need now, so a broken one fails before work."""
-        for key in ("source_archivers", "dest_archivers", "connectors", "dispatchers",
-                    "decorators", "always_dispatch"):  # fmt: skip
+        for key in (
+            "source_archivers",
+            "dest_archivers",
+            "connectors",
+            "dispatchers",
+            "decorators",
+            "always_dispatch",
+        ):
             for name in self.core(key):
                 self.load_plugin(name)
 

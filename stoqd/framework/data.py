@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, DefaultDict, Dict, List, Optional
 
 
@@ -96,7 +96,7 @@ class PayloadResults:
         self.archivers = {} if archivers is None else archivers
 
     @classmethod
-    def from_payload(cls, payload: Payload) -> "PayloadResults":
+    def from_payload(cls, payload: Payload) -> PayloadResults:
         return cls(
             payload_id=payload.payload_id,
             size=len(payload.content),
@@ -121,7 +121,7 @@ class StoqResponse:
         decorators: Optional[Dict[str, Any]] = None,
         scan_id: Optional[str] = None,
     ) -> None:
-        self.time = datetime.now(timezone.utc).isoformat() if time is None else time
+        self.time = datetime.now(UTC).isoformat() if time is None else time
         self.results = results
         self.request_meta = request_meta
         self.errors = errors

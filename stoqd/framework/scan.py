@@ -102,9 +102,7 @@ class Scan:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
         if result is not None and not isinstance(result, expected):
             wanted = " or ".join(t.__name__ for t in expected)
-            self.errors[name].append(
-                f"returned {type(result).__name__}, expected {wanted} or None"
-            )
+            self.errors[name].append(f"returned {type(result).__name__}, expected {wanted} or None")
             return None
         return result
 
@@ -139,9 +137,7 @@ class Scan:
                     )
                     continue
                 todo.append((child, depth + 1))
-        response = StoqResponse(
-            results=results, request_meta=self.request_meta, errors=self.errors
-        )
+        response = StoqResponse(results=results, request_meta=self.request_meta, errors=self.errors)
         self._decorate(response)
         return response
 
@@ -196,7 +192,7 @@ class Scan:
                 return
             plugin = self._plugin(name, WorkerPlugin)
             for required in sorted(getattr(plugin, "required_workers", ())):
-                visit(required, trail + (name,))
+                visit(required, (*trail, name))
             ordered.append(name)
 
         for name in names:
