@@ -118,7 +118,12 @@ class Channel:
             if not data:
                 self.close()
                 return messages or None
-            messages += self._decoder.feed(data)
+            try:
+                messages += self._decoder.feed(data)
+            except ProtocolError:
+                # A child that writes garbage is treated like one that died.
+                self.close()
+                return messages or None
             if len(data) < (1 << 20):
                 return messages
 
