@@ -27,6 +27,7 @@ from .framework.scan import save
 EX_OK = 0
 EX_FAILURE = 1
 EX_USAGE = 64
+EX_DATAERR = 65
 EX_NOINPUT = 66
 EX_SOFTWARE = 70
 
@@ -102,8 +103,8 @@ Configuration: --config-file FILE, else ${CONFIG_ENV} when set, else built-in de
 (no file). Flags given here win over the file's [core] keys; --plugin-opts win over
 the file's plugin sections, which win over each plugin's .stoq [options].
 
-Exit codes: 0 ok, 1 a connector failed, 64 usage, 66 input unreadable,
-78 configuration problem.
+Exit codes: 0 ok, 1 a connector failed, 64 usage, 65 input over max_payload_size,
+66 input unreadable, 78 configuration problem.
 """
 
 
@@ -229,7 +230,7 @@ def _grouped_plugin_opts(items: Iterable[Tuple[str, str, str]]) -> Dict[str, Dic
 
 
 def _make_stoq(args: argparse.Namespace, **explicit: Any) -> Stoq:
-    """Build ``Stoq`` and validate it; configuration problems become ``_Exit(78)``."""
+    """Build ``Stoq``; a configuration or plugin-directory problem becomes ``_Exit(78)``."""
     try:
         return Stoq(
             config_file=_config_file(args.config_file),
@@ -314,13 +315,23 @@ def _load(stoq: Stoq, names: Iterable[str], prog: str = "stoq") -> None:
 # -- commands ---------------------------------------------------------------------------
 
 
-def _read_input(file: str) -> Tuple[bytes, PayloadMeta]:
+def _read_input(file: str, limit: int) -> Tuple[bytes, PayloadMeta]:
+    """The bytes to scan, never more than ``limit`` (0: no limit) held in memory."""
     if file == "-":
         if sys.stdin is None or sys.stdin.isatty():
             raise _Exit(EX_USAGE, ["stoq: nothing to scan: give FILE, or pipe data on stdin"])
-        return sys.stdin.buffer.read(), PayloadMeta()
+        content = sys.stdin.buffer.read(limit + 1) if limit else sys.stdin.buffer.read()
+        if limit and len(content) > limit:
+            raise _Exit(EX_DATAERR, [f"stoq: stdin: more than max_payload_size {limit} bytes"])
+        return content, PayloadMeta()
     try:
         with open(file, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if limit and size > limit:
+                raise _Exit(
+                    EX_DATAERR,
+                    [f"stoq: {file}: {size} bytes exceeds max_payload_size {limit}"],
+                )
             content = handle.read()
     except OSError as exc:
         raise _Exit(EX_NOINPUT, [f"stoq: cannot read {file}: {exc.strerror or exc}"]) from None
@@ -330,7 +341,7 @@ def _read_input(file: str) -> Tuple[bytes, PayloadMeta]:
 def cmd_scan(args: argparse.Namespace) -> int:
     stoq, request_meta = _scan_stoq(args)
     _load(stoq, args.start_dispatch)
-    content, payload_meta = _read_input(args.file)
+    content, payload_meta = _read_input(args.file, stoq.core("max_payload_size"))
     response = _scan(stoq, content, payload_meta, request_meta, args.start_dispatch)
     connectors = stoq.core("connectors")
     if not connectors:

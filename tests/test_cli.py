@@ -285,6 +285,24 @@ def test_directory_as_file(stoq_cmd, tmp_path: Path) -> None:
     assert (done.returncode, done.stderr) == (66, f"stoq: cannot read {tmp_path}: Is a directory\n")
 
 
+def test_input_over_max_payload_size(stoq_cmd, tmp_path: Path) -> None:
+    cfg = tmp_path / "stoq.cfg"
+    cfg.write_text("[core]\nmax_payload_size = 10\n")
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * 11)
+    done = stoq_cmd("scan", big, "--config-file", cfg)
+    assert (done.returncode, done.stdout) == (65, "")
+    assert done.stderr == f"stoq: {big}: 11 bytes exceeds max_payload_size 10\n"
+    done = stoq_cmd("scan", "--config-file", cfg, stdin=b"x" * 11)
+    assert (done.returncode, done.stderr) == (
+        65,
+        "stoq: stdin: more than max_payload_size 10 bytes\n",
+    )
+    assert (
+        ok_json(stoq_cmd("scan", "--config-file", cfg, stdin=b"x" * 10))["results"][0]["size"] == 10
+    )
+
+
 def test_no_input_on_a_terminal(tmp_path: Path) -> None:
     import subprocess
     import sys
