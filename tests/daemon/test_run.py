@@ -1,0 +1,226 @@
+"""Providers run to exhaustion: every payload they put is scanned, saved and reported back.
+
+Results are read from the ``jsonl`` connector's file, outcomes from the file each fixture
+provider records its ``done=`` callbacks in, exit codes from the processes themselves.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+from stoqd.testing import temp_dir
+
+from .helpers import PLUGINS, Run
+
+V2_PLUGINS = PLUGINS.parent / "stoq_v2_plugins"
+SEED_SHA256 = hashlib.sha256(b"This is a payload").hexdigest()
+
+
+def _hash_of(result: dict) -> str:
+    workers = result["results"][0]["workers"]
+    return next(w["hash"]["sha256"] for w in workers if "hash" in w)
+
+
+def _id_of(result: dict) -> str:
+    return result["results"][0]["payload_meta"]["extra_data"]["id"]
+
+
+def test_seed_provider_under_stoqd_saves_one_result(make_run: Callable[..., Run]) -> None:
+    run = make_run({"core": {"providers": "example_provider", "plugin_dir_list": str(V2_PLUGINS)}})
+    daemon = run.start()
+    assert daemon.wait_exit() == 0, daemon.log()
+    results = run.results()
+    assert len(results) == 1
+    assert _hash_of(results[0]) == SEED_SHA256
+    assert results[0]["errors"] == {}
+
+
+def test_seed_provider_under_stoq_run(workdir: Path) -> None:
+    out = workdir / "out.jsonl"
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "stoq"),
+            "run",
+            "-P",
+            "example_provider",
+            "--plugin-dir",
+            str(V2_PLUGINS),
+            "-a",
+            "hash",
+            "-C",
+            "jsonl",
+            "--plugin-opts",
+            f"jsonl:output_file={out}",
+        ],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "STOQ_CONFIG"},
+    )
+    assert done.returncode == 0, done.stderr
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1
+    assert SEED_SHA256 in lines[0]
+
+
+def test_seed_provider_from_python(workdir: Path) -> None:
+    out = workdir / "out.jsonl"
+    script = (
+        "import sys\n"
+        "from stoq import Stoq\n"
+        "from stoqd import config\n"
+        "cfg = config.defaults()\n"
+        "cfg.values['stoqd']['workers'] = 2\n"
+        f"s = Stoq(providers=['example_provider'], plugin_dir_list=[{str(V2_PLUGINS)!r}],\n"
+        f"         connectors=['jsonl'], always_dispatch=['hash'],\n"
+        f"         plugin_opts={{'jsonl': {{'output_file': {str(out)!r}}}}}, config=cfg)\n"
+        "sys.exit(s.run())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=workdir, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1
+    assert SEED_SHA256 in lines[0]
+
+
+def test_exhausted_after_n_every_payload_saved_and_reported(make_run: Callable[..., Run]) -> None:
+    run = make_run(
+        {"core": {"providers": "source"}, "source": {"count": 40, "outcomes": "{dir}/outcomes"}}
+    )
+    daemon = run.start()
+    assert daemon.wait_exit() == 0, daemon.log()
+    expected = {f"item-{i}" for i in range(1, 41)}
+    assert run.saved_ids() == {item_id: 1 for item_id in expected}
+    outcomes = run.outcomes()
+    assert sorted(o[0] for o in outcomes) == sorted(expected)
+    assert {o[1] for o in outcomes} == {"saved"}
+    events = [e for e in daemon.events() if e.get("provider") == "source"]
+    assert [e["put"] for e in events if e["event"] == "exhausted"] == [40]
+
+
+def test_huge_payloads_are_spooled_hashed_right_and_cleaned_up(
+    make_run: Callable[..., Run],
+) -> None:
+    run = make_run(
+        {
+            "core": {"providers": "huge"},
+            "stoqd": {"inline_max_bytes": "256K"},
+            "huge": {"count": 3, "size": 8 << 20, "outcomes": "{dir}/outcomes"},
+        }
+    )
+    daemon = run.start()
+    assert daemon.wait_exit() == 0, daemon.log()
+    expected = {
+        f"huge-{i}": hashlib.sha256(random.Random(i).randbytes(8 << 20)).hexdigest()
+        for i in range(1, 4)
+    }
+    got = {_id_of(r): _hash_of(r) for r in run.results()}
+    assert got == expected
+    assert sorted(run.outcomes()) == [(i, "saved", "-") for i in sorted(expected)]
+    assert glob.glob(f"/dev/shm/stoqd-{daemon.pid}-*") == []
+
+
+def test_huge_payloads_leave_the_spool_empty_while_running(make_run: Callable[..., Run]) -> None:
+    spool_parent = temp_dir("stoqd-spool-")
+    run = make_run(
+        {
+            "core": {"providers": "huge, hang"},
+            "stoqd": {"spool_dir": str(spool_parent)},
+            "huge": {"count": 4, "size": 1 << 20, "outcomes": "{dir}/outcomes"},
+        }
+    )
+    daemon = run.start()
+    daemon.wait_for(
+        lambda s: next(p for p in s["providers"] if p["name"] == "huge")["saved"] == 4,
+        what="4 huge payloads saved",
+    )
+    spools = list(spool_parent.iterdir())
+    assert [p.name.startswith(f"stoqd-{daemon.pid}-") for p in spools] == [True]
+    assert list(spools[0].iterdir()) == []  # every spooled payload removed once saved
+    daemon.close()
+    assert list(spool_parent.iterdir()) == []  # and the spool itself at exit
+    spool_parent.rmdir()
+
+
+def test_put_file_payloads_are_read_by_the_worker(make_run: Callable[..., Run]) -> None:
+    run = make_run(
+        {
+            "core": {"providers": "files"},
+            "files": {"source_dir": "{dir}/incoming", "outcomes": "{dir}/outcomes"},
+        }
+    )
+    source = Path(run.path("incoming"))
+    source.mkdir()
+    contents = {f"file-{i}.bin": os.urandom(1000 * i) for i in range(1, 6)}
+    contents["big.bin"] = os.urandom(3 << 20)
+    for name, data in contents.items():
+        (source / name).write_bytes(data)
+    daemon = run.start()
+    assert daemon.wait_exit() == 0, daemon.log()
+    got = {}
+    for result in run.results():
+        meta = result["results"][0]["payload_meta"]["extra_data"]
+        got[meta["id"]] = (_hash_of(result), meta["filename"], meta["path"])
+    assert got == {
+        name: (hashlib.sha256(data).hexdigest(), name, str(source / name))
+        for name, data in contents.items()
+    }
+    assert sorted(run.outcomes()) == [(name, "saved", "-") for name in sorted(contents)]
+
+
+def test_a_failing_connector_is_reported_failed_to_the_provider(
+    make_run: Callable[..., Run],
+) -> None:
+    run = make_run(
+        {
+            "core": {"providers": "source", "connectors": "jsonl, flaky_connector"},
+            "source": {"count": 6, "outcomes": "{dir}/outcomes"},
+            "flaky_connector": {"fail_ids": "item-2, item-5"},
+        }
+    )
+    daemon = run.start()
+    assert daemon.wait_exit() == 0, daemon.log()
+    outcomes = {o[0]: (o[1], o[2]) for o in run.outcomes()}
+    rejected = "connector flaky_connector failed: OSError: flaky_connector: database rejected"
+    assert outcomes == {
+        "item-1": ("saved", "-"),
+        "item-2": ("failed", f"{rejected} item-2"),
+        "item-3": ("saved", "-"),
+        "item-4": ("saved", "-"),
+        "item-5": ("failed", f"{rejected} item-5"),
+        "item-6": ("saved", "-"),
+    }
+    failed = [e for e in daemon.events() if e["event"] == "failed"]
+    assert len(failed) == 2
+
+
+def test_a_raising_worker_is_an_error_in_a_saved_result(make_run: Callable[..., Run]) -> None:
+    run = make_run(
+        {
+            "core": {"providers": "source", "always_dispatch": "hash, raiser"},
+            "source": {
+                "count": 3,
+                "special": "2",
+                "special_prefix": "RAISE",
+                "outcomes": "{dir}/outcomes",
+            },
+        }
+    )
+    daemon = run.start()
+    assert daemon.wait_exit() == 0, daemon.log()
+    assert sorted(run.outcomes()) == [(f"item-{i}", "saved", "-") for i in (1, 2, 3)]
+    errors = {
+        r["results"][0]["payload_meta"]["extra_data"]["id"]: r["errors"] for r in run.results()
+    }
+    assert errors["item-1"] == errors["item-3"] == {}
+    assert errors["item-2"] == {"raiser": ["ValueError: raiser: cannot parse 12 bytes"]}
