@@ -11,6 +11,7 @@ extracted before it is kept. How deep nested archives go is the framework's
 
 from __future__ import annotations
 
+import zipfile
 from collections import OrderedDict
 from configparser import ConfigParser
 from dataclasses import dataclass
@@ -128,8 +129,16 @@ class DecompressPlugin(WorkerPlugin):
                     "more zip members not extracted",
                     stop=True,
                 )
+            name = info.filename
             if not info.flag_bits & 0x1:
-                extraction.take_guarded(lambda: reader.member(info, None))
+                extraction.take_guarded(name, lambda: reader.member(info, None))
+                continue
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                # WinZip's AES (method 99) and the like: zipfile cannot decrypt them.
+                extraction.errors.append(
+                    f"zip member {name!r} is encrypted with compression method "
+                    f"{info.compress_type}, which is not supported; skipped"
+                )
                 continue
             if not self.passwords:
                 extraction.errors.append(
@@ -138,7 +147,8 @@ class DecompressPlugin(WorkerPlugin):
                 )
                 continue
             for password in self.passwords:
-                if extraction.take_guarded(lambda: reader.member(info, password), quiet=True):
+                opener = lambda pw=password: reader.member(info, pw)  # noqa: E731
+                if extraction.take_guarded(name, opener, quiet=True):
                     break
             else:
                 extraction.errors.append(
@@ -159,7 +169,7 @@ class DecompressPlugin(WorkerPlugin):
             if reason is not None:
                 extraction.skip(info.name, reason)
             else:
-                extraction.take_guarded(lambda: reader.member(info))
+                extraction.take_guarded(info.name, lambda: reader.member(info))
 
 
 class Extraction:
@@ -179,14 +189,14 @@ class Extraction:
         if len(self.skipped) < _SKIPPED_LISTED:
             self.skipped.append({"filename": name, "reason": reason})
 
-    def take_guarded(self, open_member: Callable[[], Member], quiet: bool = False) -> bool:
-        """Open and take one member; a corrupt member (or, when ``quiet``, a wrong
-        password) is reported or ignored and the archive goes on. Limit hits propagate."""
-        name: Optional[str] = None
+    def take_guarded(
+        self, name: str, open_member: Callable[[], Member], quiet: bool = False
+    ) -> bool:
+        """Open and take member ``name``; a corrupt member (or, when ``quiet``, a wrong
+        password) is reported or ignored and the archive goes on. A limit that stops the
+        whole archive propagates. True when the member was dealt with."""
         try:
-            member = open_member()
-            name = member.name
-            self.take(member)
+            self.take(open_member())
             return True
         except LimitHit as hit:
             if hit.stop:
@@ -197,8 +207,9 @@ class Extraction:
             # RuntimeError: zipfile's "Bad password"; a wrong password that passes the
             # one-byte check shows up as corrupt data or a CRC error instead.
             if not quiet:
-                label = f"{self.fmt} member {name!r}" if name is not None else f"{self.fmt} member"
-                self.errors.append(f"{label} is corrupt: {_reason(exc)}; skipped")
+                self.errors.append(
+                    f"{self.fmt} member {name!r} cannot be extracted: {_reason(exc)}; skipped"
+                )
             return False
 
     def take(self, member: Member, consumed: Optional[Callable[[], int]] = None) -> None:

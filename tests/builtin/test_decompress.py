@@ -65,7 +65,7 @@ def _entry(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarf
     ids=["stored", "deflated", "bzip2", "lzma"],
 )
 def test_zip_members_of_every_method(load, method):
-    members = {"a.txt": b"alpha " * 1000, "dir/b.bin": os.urandom(3 * MiB)}
+    members = {"a.txt": b"alpha " * 1000, "dir/b.bin": os.urandom(MiB + 1000)}
     response = _scan(load("decompress"), _zip(members, method))
     assert response.errors == []
     assert _extracted(response) == list(members.items())
@@ -226,7 +226,7 @@ def test_bzip2_zip_member_larger_than_its_header_is_cut_off(load):
     )
     response = _scan(load("decompress"), liar)
     assert response.errors == [
-        "zip member 'z.bin' is corrupt: member is larger than its header says; skipped"
+        "zip member 'z.bin' cannot be extracted: member is larger than its header says; skipped"
     ]
 
 
@@ -285,9 +285,21 @@ def test_corrupt_member_is_reported_and_the_rest_extracted(load):
     bad = RawMember("bad.txt", deflate(b"bad!"), zlib.crc32(b"oops"), 4)
     response = _scan(load("decompress"), raw_zip([bad, good]))
     assert response.errors == [
-        "zip member 'bad.txt' is corrupt: Bad CRC-32 for file 'bad.txt'; skipped"
+        "zip member 'bad.txt' cannot be extracted: Bad CRC-32 for file 'bad.txt'; skipped"
     ]
     assert _extracted(response) == [("good.txt", b"good")]
+
+
+def test_unsupported_zip_methods_are_named(load):
+    aes = RawMember("aes.bin", b"x" * 40, 0, 10, method=99, flags=0x1)
+    ppmd = RawMember("ppmd.bin", b"x" * 40, 0, 10, method=98)
+    response = _scan(load("decompress"), raw_zip([aes, ppmd]))
+    assert response.errors == [
+        "zip member 'aes.bin' is encrypted with compression method 99, which is not "
+        "supported; skipped",
+        "zip member 'ppmd.bin' cannot be extracted: compression method 98 is not "
+        "supported; skipped",
+    ]
 
 
 def test_truncated_stream_is_reported(load):
