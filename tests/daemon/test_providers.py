@@ -1,0 +1,167 @@
+"""Provider supervision as an operator sees it: states and errors in ``stoqctl status``,
+lifecycle events in the log, the daemon's exit code, and results still being saved."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+from .helpers import PLUGINS, Run, stoqctl, wait_until
+
+
+def _provider(status: Dict[str, Any], name: str) -> Dict[str, Any]:
+    return next(p for p in status["providers"] if p["name"] == name)
+
+
+def _events(run: Run, event: str, **fields: Any) -> List[Dict[str, Any]]:
+    return [
+        e
+        for e in run.daemon.events()
+        if e["event"] == event and all(e.get(k) == v for k, v in fields.items())
+    ]
+
+
+def test_a_crashed_provider_backs_off_then_runs_again(make_run: Callable[..., Run]) -> None:
+    run = make_run({
+        "core": {"providers": "crash_after"},
+        # A backoff long enough to be seen in the status; jitter keeps it within 1-2 s.
+        "stoqd": {"backoff_initial": 2, "backoff_max": 2},
+        "crash_after": {"count": 10, "crash_after": 3, "marker": "{dir}/crashed",
+                        "hold_file": "{dir}/release", "outcomes": "{dir}/outcomes"},
+    })  # fmt: skip
+    daemon = run.start()
+    backoff = daemon.wait_for(
+        lambda s: _provider(s, "crash_after")["state"] == "BACKOFF", what="BACKOFF"
+    )
+    crashed = _provider(backoff, "crash_after")
+    assert crashed["last_error"] == "RuntimeError: crash_after: source lost after 3 items"
+    assert crashed["restarts"] == 0
+    assert crashed["pid"] is None
+    assert 0 < crashed["next_retry_in"] <= 2
+
+    running = daemon.wait_for(
+        lambda s: (
+            _provider(s, "crash_after")["state"] == "RUNNING"
+            and _provider(s, "crash_after")["restarts"] == 1
+        ),
+        what="RUNNING after one restart",
+    )
+    assert _provider(running, "crash_after")["pid"] not in (None, crashed["pid"])
+    wait_until(lambda: len(run.outcomes()) >= 7, what="the second run's outcomes")
+
+    Path(run.path("release")).touch()
+    assert daemon.wait_exit() == 0, daemon.log()
+    # What the first run put before it crashed was still scanned and saved.
+    assert run.saved_ids() == {f"crash-{i}": 1 for i in range(1, 11)}
+    assert {o for o in run.outcomes() if o[0] not in ("crash-1", "crash-2", "crash-3")} == {
+        (f"crash-{i}", "saved", "-") for i in range(4, 11)
+    }
+    backoffs = _events(run, "backoff", provider="crash_after")
+    assert [e["error"] for e in backoffs] == [crashed["last_error"]]
+    assert backoffs[0]["exit"] == "exit 1"
+    assert len(_events(run, "spawned", provider="crash_after")) == 2
+    assert len(_events(run, "exhausted", provider="crash_after")) == 1
+
+
+def test_a_crash_loop_is_fatal_after_startretries_and_the_daemon_exits_1(
+    make_run: Callable[..., Run],
+) -> None:
+    run = make_run({
+        "core": {"providers": "crash_loop, source"},
+        "stoqd": {"startretries": 3},
+        "source": {"count": 5, "outcomes": "{dir}/outcomes"},
+    })  # fmt: skip
+    daemon = run.start()
+    assert daemon.wait_exit() == 1, daemon.log()
+    error = "ConnectionRefusedError: crash_loop: cannot reach the source"
+    assert len(_events(run, "spawned", provider="crash_loop")) == 4  # the first start + 3 retries
+    assert len(_events(run, "backoff", provider="crash_loop", error=error)) == 3
+    fatal = _events(run, "fatal", provider="crash_loop")
+    assert [(e["failures"], e["error"]) for e in fatal] == [(4, error)]
+    stopping = _events(run, "stopping")
+    assert stopping[0]["reason"] == "every provider is finished; fatal: ['crash_loop']"
+    # The other provider was not disturbed.
+    assert run.saved_ids() == {f"item-{i}": 1 for i in range(1, 6)}
+    assert {o[1] for o in run.outcomes()} == {"saved"}
+
+
+def test_per_provider_startretries_override(make_run: Callable[..., Run]) -> None:
+    run = make_run({
+        "core": {"providers": "crash_loop"},
+        "stoqd": {"startretries": 3},
+        "stoqd:crash_loop": {"startretries": 1},
+    })  # fmt: skip
+    daemon = run.start()
+    assert daemon.wait_exit() == 1, daemon.log()
+    assert len(_events(run, "spawned", provider="crash_loop")) == 2
+
+
+def test_stoqctl_status_exits_3_while_a_provider_is_fatal(make_run: Callable[..., Run]) -> None:
+    run = make_run({"core": {"providers": "crash_loop, hang"}})
+    daemon = run.start()
+    status = daemon.wait_for(lambda s: _provider(s, "crash_loop")["state"] == "FATAL", what="FATAL")
+    fatal = _provider(status, "crash_loop")
+    assert (fatal["restarts"], fatal["pid"]) == (3, None)
+    assert fatal["last_error"] == "ConnectionRefusedError: crash_loop: cannot reach the source"
+    assert _provider(status, "hang")["state"] == "RUNNING"
+    shown = stoqctl("-s", str(daemon.socket), "status")
+    assert shown.returncode == 3, shown.stderr
+    line = next(ln for ln in shown.stdout.splitlines() if ln.startswith("crash_loop "))
+    assert line.split()[:3] == ["crash_loop", "FATAL", "-"]
+    assert "error: ConnectionRefusedError: crash_loop: cannot reach the source" in line
+    assert stoqctl("-s", str(daemon.socket), "status", "--json").returncode == 3
+
+
+def test_a_provider_that_cannot_import_is_fatal_at_once(make_run: Callable[..., Run]) -> None:
+    run = make_run({
+        "core": {"providers": "broken_import, source"},
+        "source": {"count": 30, "delay": 0.05, "outcomes": "{dir}/outcomes"},
+    })  # fmt: skip
+    daemon = run.start()
+    status = daemon.wait_for(
+        lambda s: _provider(s, "broken_import")["state"] == "FATAL", what="FATAL"
+    )
+    broken = _provider(status, "broken_import")
+    module = PLUGINS / "broken_import" / "broken_import.stoq"
+    assert broken["last_error"] == (
+        f"StoqPluginException: plugin broken_import: cannot import {module}: "
+        "ModuleNotFoundError: No module named 'stoqd_tests_no_such_dependency'"
+    )
+    assert (broken["restarts"], broken["pid"]) == (0, None)
+    _the_other_provider_and_the_workers_carry_on(run, status)
+
+
+def test_a_provider_that_rejects_its_options_is_fatal_at_once(
+    make_run: Callable[..., Run],
+) -> None:
+    run = make_run({
+        "core": {"providers": "bad_options, source"},
+        "source": {"count": 30, "delay": 0.05, "outcomes": "{dir}/outcomes"},
+    })  # fmt: skip
+    daemon = run.start()
+    status = daemon.wait_for(
+        lambda s: _provider(s, "bad_options")["state"] == "FATAL", what="FATAL"
+    )
+    bad = _provider(status, "bad_options")
+    assert bad["last_error"] == (
+        "StoqPluginException: plugin bad_options: option direction 'sideways' must be up or down"
+    )
+    assert (bad["restarts"], bad["pid"]) == (0, None)
+    _the_other_provider_and_the_workers_carry_on(run, status)
+
+
+def _the_other_provider_and_the_workers_carry_on(run: Run, status: Dict[str, Any]) -> None:
+    daemon = run.daemon
+    workers = sorted(w["pid"] for w in status["workers"])
+    saved_then = _provider(status, "source")["saved"]
+    assert _provider(status, "source")["state"] == "RUNNING"
+    later = daemon.wait_for(
+        lambda s: _provider(s, "source")["saved"] > saved_then + 5, what="more results"
+    )
+    assert sorted(w["pid"] for w in later["workers"]) == workers
+    assert daemon.wait_exit() == 1, daemon.log()  # one provider FATAL
+    assert run.saved_ids() == {f"item-{i}": 1 for i in range(1, 31)}
+    assert len(run.outcomes()) == 30
+    assert len([e for e in daemon.events() if e["event"] == "spawned" and "worker" in e]) == 2
+    assert not os.path.exists(daemon.socket)
