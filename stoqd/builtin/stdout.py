@@ -1,4 +1,9 @@
-"""Connector ``stdout``: each result as one compact JSON line on standard output."""
+"""Connector ``stdout``: each result as one compact JSON line on standard output.
+
+Meant for ``stoq scan`` and pipelines with one writer. Several daemon worker processes
+sharing one stdout pipe may interleave lines longer than the pipe's atomic size (4 KiB on
+Linux); for concurrent writers use the ``jsonl`` connector, which never does.
+"""
 
 from __future__ import annotations
 
