@@ -34,7 +34,7 @@ from .wire import Channel
 from .workers import worker_main
 from .workqueue import FAILED, NOT_DONE, SAVED, new_spool_dir
 
-PREFETCH = 2  # items a worker holds: one scanning, one ready, so it never waits on us
+PREFETCH = 4  # items a worker holds: one scanning, the rest ready, so it never waits on us
 RSS_CHECK_EVERY = 5.0
 HISTOGRAM_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 300.0)
 
@@ -542,6 +542,8 @@ class Supervisor:
         elif status == FAILED:
             handle.failed += 1
         channel = handle.channel
+        if not item.header.get("cb"):
+            return  # the provider did not ask to hear how it ended
         if handle.generation == item.generation and channel is not None and not channel.closed:
             channel.send(
                 {

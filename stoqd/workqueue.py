@@ -132,7 +132,7 @@ class ProviderQueue:
         self._endpoint.send({"t": "stats", "stats": json.loads(dumps(stats, compactly=True))})
 
     def qsize(self) -> int:
-        """Items put by this provider and not yet finished."""
+        """Items put with a ``done`` callback and not yet reported back."""
         return self._pending
 
     def empty(self) -> bool:
@@ -180,10 +180,12 @@ class ProviderQueue:
             item_id = self._next_id
             if done is not None:
                 self._callbacks[item_id] = done
-            with self._idle:
-                self._pending += 1
+                with self._idle:
+                    self._pending += 1
         header["t"] = "item"
         header["id"] = item_id
+        if done is not None:
+            header["cb"] = True  # only then is the outcome sent back
         request = _request_dict(request_meta)
         if request is not None:
             header["request"] = request
