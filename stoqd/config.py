@@ -52,6 +52,13 @@ def _log_level(value: str) -> str:
     return level
 
 
+def _log_syntax(value: str) -> str:
+    syntax = value.strip().lower()
+    if syntax not in {"auto", "json", "text"}:
+        raise ValueError("must be auto, json or text")
+    return syntax
+
+
 def _size(value: str) -> int:
     """Bytes, with an optional K/M/G suffix (powers of 1024)."""
     text = value.strip().upper().removesuffix("B") or "0"
@@ -69,6 +76,7 @@ _KIND_NAMES: Dict[Callable[[str], Any], str] = {
     parse_bool: "true or false",
     parse_list: "a comma-separated list",
     _log_level: "a log level",
+    _log_syntax: "auto, json or text",
     _size: "a size such as 100M",
     str: "text",
 }
