@@ -1,0 +1,101 @@
+"""The worker pool: a hard per-payload time limit, quarantine of payloads that kill their
+workers, and recycling, each seen in results, outcomes, status and the log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Dict
+
+from .helpers import Run, wait_until
+
+
+def _source(status: Dict[str, Any]) -> Dict[str, Any]:
+    return next(p for p in status["providers"] if p["name"] == "source")
+
+
+def test_a_payload_over_scan_timeout_is_failed_and_its_worker_replaced(
+    make_run: Callable[..., Run],
+) -> None:
+    run = make_run({
+        "core": {"providers": "source", "always_dispatch": "hash, sleepy"},
+        "stoqd": {"scan_timeout": 1},
+        "sleepy": {"match": "SLEEP", "seconds": 3600},
+        "source": {"count": 8, "special": "2", "special_prefix": "SLEEP", "delay": 0.2,
+                   "hold_file": "{dir}/release", "outcomes": "{dir}/outcomes"},
+    })  # fmt: skip
+    daemon = run.start()
+    first = daemon.wait_for(
+        lambda s: len(s["workers"]) == 2 and all(w["pid"] for w in s["workers"])
+    )
+    status = daemon.wait_for(lambda s: _source(s)["saved"] + _source(s)["failed"] == 8)
+    assert _source(status)["failed"] == 1
+    assert status["counters"]["timeouts"] == 1
+    assert status["counters"]["worker_kills"] == 1
+    before = {w["pid"] for w in first["workers"]}
+    after = {w["pid"] for w in status["workers"]}
+    assert len(after) == 2 and len(before & after) == 1  # one worker killed and replaced
+
+    outcomes = {
+        o[0]: (o[1], o[2]) for o in wait_until(lambda: len(run.outcomes()) == 8 and run.outcomes())
+    }
+    assert outcomes.pop("item-2") == ("failed", "payload timed out after 1s")
+    assert outcomes == {f"item-{i}": ("saved", "-") for i in (1, 3, 4, 5, 6, 7, 8)}
+    assert run.failure_records() == [["payload timed out after 1s"]]
+    assert set(run.saved_ids()) == {f"item-{i}" for i in (1, 3, 4, 5, 6, 7, 8)}
+
+    Path(run.path("release")).touch()
+    assert daemon.wait_exit() == 0, daemon.log()
+    timeouts = [e for e in daemon.events() if e["event"] == "timeout"]
+    assert [(e["limit"], e["child_pid"]) for e in timeouts] == [(1.0, *(before - after))]
+
+
+def test_a_payload_that_kills_workers_is_quarantined(make_run: Callable[..., Run]) -> None:
+    run = make_run({
+        "core": {"providers": "source", "always_dispatch": "hash, killer"},
+        "stoqd": {"max_attempts": 3},
+        "source": {"count": 6, "special": "3", "special_prefix": "KILL",
+                   "hold_file": "{dir}/release", "outcomes": "{dir}/outcomes"},
+    })  # fmt: skip
+    daemon = run.start()
+    status = daemon.wait_for(lambda s: _source(s)["saved"] + _source(s)["failed"] == 6)
+    assert (_source(status)["saved"], _source(status)["failed"]) == (5, 1)
+    assert status["counters"]["quarantined"] == 1
+    assert status["counters"]["worker_deaths"] >= 3
+    assert len(status["workers"]) == 2  # the pool is whole again
+
+    outcomes = {
+        o[0]: (o[1], o[2]) for o in wait_until(lambda: len(run.outcomes()) == 6 and run.outcomes())
+    }
+    quarantined = "quarantined: killed 3 workers while being scanned"
+    assert outcomes.pop("item-3") == ("failed", quarantined)
+    assert outcomes == {f"item-{i}": ("saved", "-") for i in (1, 2, 4, 5, 6)}
+    assert run.failure_records() == [[quarantined]]
+    assert run.saved_ids() == {f"item-{i}": 1 for i in (1, 2, 4, 5, 6)}
+
+    Path(run.path("release")).touch()
+    assert daemon.wait_exit() == 0, daemon.log()
+    events = daemon.events()
+    assert [e["attempts"] for e in events if e["event"] == "quarantined"] == [3]
+    killed = [e for e in events if e["event"] == "exited" and e.get("exit") == "killed by SIGKILL"]
+    assert len(killed) == 3
+
+
+def test_workers_are_recycled_after_max_payloads_and_nothing_is_lost(
+    make_run: Callable[..., Run],
+) -> None:
+    run = make_run({
+        "core": {"providers": "source"},
+        "stoqd": {"workers": 2, "worker_max_payloads": 5},
+        "source": {"count": 50, "hold_file": "{dir}/release", "outcomes": "{dir}/outcomes"},
+    })  # fmt: skip
+    daemon = run.start()
+    status = daemon.wait_for(lambda s: _source(s)["saved"] == 50, what="50 saved")
+    assert status["counters"]["worker_recycles"] > 0
+    assert status["counters"]["worker_deaths"] == 0
+    assert all(w["payloads"] <= 5 for w in status["workers"])
+    Path(run.path("release")).touch()
+    assert daemon.wait_exit() == 0, daemon.log()
+    assert run.saved_ids() == {f"item-{i}": 1 for i in range(1, 51)}
+    assert sorted(run.outcomes()) == sorted((f"item-{i}", "saved", "-") for i in range(1, 51))
+    recycled = [e for e in daemon.events() if e["event"] == "recycling"]
+    assert recycled and {e["reason"] for e in recycled} == {"payloads"}
