@@ -87,9 +87,8 @@ class StreamReader:
         return max(1, self._raw.tell())
 
     def members(self) -> Iterator[Member]:
-        extra: Dict[str, Any] = {}
         name = gzip_name(self.content) if self.fmt == "gzip" else None
-        yield Member(name, self._chunks(), len(self.content), extra=extra)
+        yield Member(name, self._chunks(), len(self.content))
 
     def _chunks(self) -> Iterator[bytes]:
         # The stdlib readers ask their decompressor for at most the size requested.
