@@ -25,6 +25,9 @@ count = 3
 """
 
 _HELD_PY = """\
+import os
+import time
+
 from stoq import Payload
 from stoq.plugins import ProviderPlugin
 
@@ -32,24 +35,63 @@ from stoq.plugins import ProviderPlugin
 class HeldProvider(ProviderPlugin):
     def ingest(self, queue):
         count = int(self.config.get("options", "count", fallback="3"))
+        trigger = self.config.get("options", "trigger", fallback="")
+        while trigger and not os.path.exists(trigger) and not queue.stopping.is_set():
+            time.sleep(0.05)  # the test says when to put
         for number in range(count):
             queue.put(Payload(f"payload {number}".encode()))
         queue.stopping.wait()  # stay RUNNING: a daemon that is up, idle, and stoppable
 """
 
 
-def held_config(directory: Path, **stoqd: str) -> Path:
-    """A stoq.cfg running ``heldprov`` (3 payloads, hashed, saved to results.jsonl)."""
+_SLOW_STOQ = """\
+[Core]
+Name = slowpoke
+Module = slowpoke
+
+[Documentation]
+Description = takes SECONDS over every payload
+
+[options]
+seconds = 3
+"""
+
+_SLOW_PY = """\
+import time
+
+from stoq import WorkerResponse
+from stoq.plugins import WorkerPlugin
+
+
+class SlowPoke(WorkerPlugin):
+    def scan(self, payload, request_meta):
+        time.sleep(float(self.config.get("options", "seconds")))
+        return WorkerResponse({"slept": True})
+"""
+
+
+def held_config(
+    directory: Path, count: int = 3, slow: bool = False, trigger: str = "", **stoqd: str
+) -> Path:
+    """A stoq.cfg running ``heldprov``: ``count`` payloads (once the file ``trigger``
+    exists, if given), hashed (and, with ``slow``, 3 s in ``slowpoke`` each), saved to
+    ``results.jsonl``; the provider then stays up until stoqd stops."""
     plugin = directory / "plugins" / "heldprov"
     plugin.mkdir(parents=True)
-    (plugin / "heldprov.stoq").write_text(_HELD_STOQ)
+    options = f"count = {count}\ntrigger = {trigger}"
+    (plugin / "heldprov.stoq").write_text(_HELD_STOQ.replace("count = 3", options))
     (plugin / "heldprov.py").write_text(_HELD_PY)
+    if slow:
+        worker = directory / "plugins" / "slowpoke"
+        worker.mkdir()
+        (worker / "slowpoke.stoq").write_text(_SLOW_STOQ)
+        (worker / "slowpoke.py").write_text(_SLOW_PY)
     settings: Dict[str, str] = {"workers": "1", "control_socket": "run/stoqd.sock", **stoqd}
     lines = [
         "[core]",
         "providers = heldprov",
         "connectors = jsonl",
-        "always_dispatch = hash",
+        "always_dispatch = hash" + (", slowpoke" if slow else ""),
         "plugin_dir_list = plugins",
         "log_syntax = json",
         "",
