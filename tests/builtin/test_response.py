@@ -8,15 +8,22 @@ import multiprocessing
 
 from stoq import Stoq
 from stoqd.framework.loader import PluginRegistry
+from stoqd.framework.plugins import (
+    PLUGIN_CLASSES,
+    ArchiverPlugin,
+    ConnectorPlugin,
+    DispatcherPlugin,
+    WorkerPlugin,
+)
 
 BUILTINS = {
-    "hash": "worker",
-    "mimetype": "worker",
-    "yara": "worker",  # also a dispatcher
-    "decompress": "worker",
-    "stdout": "connector",
-    "jsonl": "connector",
-    "filedir": "archiver",  # also a connector
+    "hash": [WorkerPlugin],
+    "mimetype": [WorkerPlugin],
+    "yara": [WorkerPlugin, DispatcherPlugin],
+    "decompress": [WorkerPlugin],
+    "stdout": [ConnectorPlugin],
+    "jsonl": [ConnectorPlugin],
+    "filedir": [ArchiverPlugin, ConnectorPlugin],
 }
 
 
@@ -46,11 +53,12 @@ def test_scan_response_serialises_to_stoq_v2_keys():
 
 
 def test_every_builtin_comes_with_its_stoq_file(registry):
-    for name, kind in BUILTINS.items():
+    for name, roles in BUILTINS.items():
         spec = registry.spec(name)
         assert spec.config.get("Core", "Name") == name
         assert spec.description, f"{name}.stoq has no Description"
-        assert registry.kind(name) == kind
+        cls = registry.plugin_class(name)
+        assert [base for base in PLUGIN_CLASSES.values() if issubclass(cls, base)] == roles
 
 
 def _load_all(directory: str) -> None:
