@@ -1,4 +1,6 @@
-"""Shared test helpers: the stoQ v2 fixture plugin directory and running ``stoq`` for real."""
+"""Shared test fixtures: the stoQ v2 fixture plugin directory, writing plugins, and running
+``stoq`` for real. Helpers are offered as fixtures, not imports: several directories here
+have a conftest.py, so ``from conftest import ...`` would pick whichever loaded first."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ V2_PLUGINS = TESTS / "fixtures" / "stoq_v2_plugins"
 BIN = Path(sys.executable).parent  # the venv's bin: stoq, stoqd, stoqctl
 
 
-def clean_env(**extra: str) -> dict:
+def _clean_env(**extra: str) -> dict:
     """The environment for a child ``stoq``: no $STOQ_CONFIG leaking in from outside."""
     env = {k: v for k, v in os.environ.items() if k != "STOQ_CONFIG"}
     env.update(extra)
@@ -50,7 +52,7 @@ def run_cmd(tmp_path: Path) -> RunCommand:
             input=stdin,
             capture_output=True,
             cwd=tmp_path,
-            env=env if env is not None else clean_env(),
+            env=env if env is not None else _clean_env(),
             timeout=timeout,
         )
         return subprocess.CompletedProcess(
@@ -69,7 +71,7 @@ def stoq_cmd(run_cmd: RunCommand) -> RunCommand:
     return lambda *args, **kw: run_cmd("stoq", *args, **kw)
 
 
-def write_plugin(root: Path, name: str, source: str, options: Optional[dict] = None) -> Path:
+def _write_plugin(root: Path, name: str, source: str, options: Optional[dict] = None) -> Path:
     """Write plugin ``name`` into plugin directory ``root`` the stoQ v2 way:
     ``root/NAME/NAME.stoq`` (with ``options`` as its ``[options]``) and ``root/NAME/NAME.py``.
 
@@ -92,3 +94,15 @@ def write_plugin(root: Path, name: str, source: str, options: Optional[dict] = N
     (folder / f"{name}.stoq").write_text("\n".join(lines) + "\n")
     (folder / f"{name}.py").write_text(source)
     return folder
+
+
+@pytest.fixture(scope="session")
+def write_plugin() -> Callable[..., Path]:
+    """``write_plugin(root, name, source, options)``: a stoQ v2-layout plugin on disk."""
+    return _write_plugin
+
+
+@pytest.fixture(scope="session")
+def clean_env() -> Callable[..., dict]:
+    """``clean_env(STOQ_CONFIG=...)``: os.environ without $STOQ_CONFIG, plus overrides."""
+    return _clean_env

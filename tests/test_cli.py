@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any, Dict
 
 import pytest
-from conftest import V2_PLUGINS, clean_env, write_plugin
 
 from stoqd.cli import build_parser, plugin_opt
 from stoqd.framework.loader import ENTRY_POINT_GROUP
 
+V2_PLUGINS = Path(__file__).resolve().parent / "fixtures" / "stoq_v2_plugins"
 LEVELS = "DEBUG, INFO, WARNING, ERROR, CRITICAL"
 V2_NAMES = ["example_archiver", "example_connector", "example_provider", "example_worker"]
 _HEAD = (
@@ -53,7 +53,7 @@ PLUGINS = {
 
 
 @pytest.fixture(scope="module")
-def cli_plugins(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def cli_plugins(tmp_path_factory: pytest.TempPathFactory, write_plugin) -> Path:
     root = tmp_path_factory.mktemp("cli_plugins")
     for name, body in PLUGINS.items():
         write_plugin(root, name, _HEAD + body)
@@ -303,7 +303,7 @@ def test_input_over_max_payload_size(stoq_cmd, tmp_path: Path) -> None:
     )
 
 
-def test_no_input_on_a_terminal(tmp_path: Path) -> None:
+def test_no_input_on_a_terminal(tmp_path: Path, clean_env) -> None:
     import subprocess
     import sys
 
@@ -409,7 +409,7 @@ def test_list_json(stoq_cmd) -> None:
     assert listing["hash"]["origin"] == "entry point stoqd.builtin.hash"
 
 
-def test_list_shows_why_a_plugin_cannot_load(stoq_cmd, tmp_path: Path) -> None:
+def test_list_shows_why_a_plugin_cannot_load(stoq_cmd, tmp_path: Path, write_plugin) -> None:
     write_plugin(tmp_path / "p", "cli_broken", "raise ImportError('needs libfoo')\n")
     done = stoq_cmd("list", "--plugin-dir", tmp_path / "p")
     [line] = [line for line in done.stdout.splitlines() if line.startswith("cli_broken")]
@@ -503,7 +503,7 @@ def test_stoqd_check_config_loads_plugins(run_cmd, tmp_path: Path) -> None:
     assert done.stderr == "stoqd: plugin example_connector: option output_file is required\n"
 
 
-def test_stoqd_config_default_comes_from_the_environment(run_cmd, tmp_path: Path) -> None:
+def test_stoqd_config_default_comes_from_the_environment(run_cmd, clean_env, tmp_path) -> None:
     missing = tmp_path / "etc" / "stoq.cfg"
     done = run_cmd("stoqd", "--check-config", env=clean_env(STOQ_CONFIG=str(missing)))
     assert (done.returncode, done.stderr) == (78, f"{missing}: configuration file not found\n")

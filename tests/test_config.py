@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
-from conftest import V2_PLUGINS, write_plugin
 
 from stoqd import config
 from stoqd.config import EX_CONFIG, ConfigError
 from stoqd.framework.core import Stoq
 from stoqd.framework.loader import ENTRY_POINT_GROUP
 
+V2_PLUGINS = Path(__file__).resolve().parent / "fixtures" / "stoq_v2_plugins"
 V2_NAMES = ["example_archiver", "example_connector", "example_provider", "example_worker"]
 
 
@@ -201,7 +201,7 @@ def test_section_for_unknown_plugin(tmp_path: Path) -> None:
     ]
 
 
-def test_plugin_dir_list_is_relative_to_the_file(tmp_path: Path) -> None:
+def test_plugin_dir_list_is_relative_to_the_file(tmp_path: Path, write_plugin) -> None:
     write_plugin(
         tmp_path / "plugins",
         "cfg_dir_worker",
@@ -297,7 +297,7 @@ class BoolReader(WorkerPlugin):
 
 
 @pytest.fixture
-def bool_plugins(tmp_path: Path) -> Path:
+def bool_plugins(tmp_path: Path, write_plugin) -> Path:
     root = tmp_path / "plugins"
     write_plugin(root, "bool_reader", BOOL_READER, {"enabled": "False"})
     return root
@@ -370,9 +370,7 @@ def test_config_problems_exit_78_without_traceback(stoq_cmd, tmp_path: Path) -> 
     )
 
 
-def test_stoq_config_environment_variable(run_cmd, tmp_path: Path) -> None:
-    from conftest import clean_env
-
+def test_stoq_config_environment_variable(run_cmd, clean_env, tmp_path: Path) -> None:
     cfg = write_cfg(tmp_path, "[core]\nalways_dispatch = nope_plugin\n")
     done = run_cmd("stoq", "scan", "-", stdin=b"x", env=clean_env(STOQ_CONFIG=str(cfg)))
     assert done.returncode == 78

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
-from conftest import V2_PLUGINS, write_plugin
 
 from stoq import (
     ExtractedPayload,
@@ -21,6 +20,8 @@ from stoq import (
     WorkerResponse,
 )
 from stoq.helpers import dumps, get_sha1
+
+V2_PLUGINS = Path(__file__).resolve().parent / "fixtures" / "stoq_v2_plugins"
 
 # Test plugins, each a real plugin file (module names are per process: keep them unique).
 _HEAD = (
@@ -137,7 +138,7 @@ PLUGINS: Dict[str, tuple] = {
 
 
 @pytest.fixture(scope="module")
-def plugin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def plugin_dir(tmp_path_factory: pytest.TempPathFactory, write_plugin) -> Path:
     root = tmp_path_factory.mktemp("fw_plugins")
     for name, (body, options) in PLUGINS.items():
         write_plugin(root, name, _HEAD + body, options)
