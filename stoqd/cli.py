@@ -446,8 +446,11 @@ def _daemon_parser() -> argparse.ArgumentParser:
 
 
 def _check_daemon_plugins(stoq: Stoq) -> None:
-    """--check-config goes further than names: every plugin must import and accept
-    its options."""
+    """--check-config goes as far as the daemon's own start-up checks: a provider is
+    configured, and every plugin imports and accepts its options."""
+    if not stoq.core("providers"):
+        where = stoq.config.path or "the configuration"
+        raise _Exit(EX_CONFIG, [f"{where}: [core] providers: no provider configured"])
     _load(stoq, stoq.core("providers"), prog="stoqd")
 
 
@@ -463,9 +466,10 @@ def daemon_main(argv: Optional[Sequence[str]] = None) -> int:
             raise _Exit(EX_CONFIG, exc.problems) from None
         except StoqPluginException as exc:
             raise _Exit(EX_CONFIG, [f"stoqd: {exc}"]) from None
-        for note in stoq.config.ignored:
-            print(note, file=sys.stderr)
         if args.check_config:
+            # The daemon logs these itself; a check prints them as plain lines.
+            for note in stoq.config.ignored:
+                print(note, file=sys.stderr)
             _check_daemon_plugins(stoq)
             print("configuration OK")
             return EX_OK

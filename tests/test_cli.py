@@ -492,6 +492,14 @@ def test_stoqd_check_config_problems(run_cmd, tmp_path: Path) -> None:
     )
 
 
+def test_stoqd_check_config_needs_a_provider(run_cmd, tmp_path: Path) -> None:
+    cfg = tmp_path / "stoq.cfg"
+    cfg.write_text("[core]\nconnectors = stdout\n")
+    done = run_cmd("stoqd", "-c", cfg, "--check-config")
+    assert (done.returncode, done.stdout) == (78, "")
+    assert done.stderr == f"{cfg}: [core] providers: no provider configured\n"
+
+
 def test_stoqd_check_config_loads_plugins(run_cmd, tmp_path: Path) -> None:
     cfg = tmp_path / "stoq.cfg"
     cfg.write_text(
