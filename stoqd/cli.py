@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from . import logs
 from .config import EX_CONFIG, ConfigError
 from .framework.core import Stoq
-from .framework.data import Payload, PayloadMeta, RequestMeta, StoqResponse
+from .framework.data import Payload, PayloadMeta, RequestMeta
 from .framework.exceptions import StoqException, StoqPluginException
 from .framework.helpers import dumps
 from .framework.scan import save
@@ -342,7 +342,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     stoq, request_meta = _scan_stoq(args)
     _load(stoq, args.start_dispatch)
     content, payload_meta = _read_input(args.file, stoq.core("max_payload_size"))
-    response = _scan(stoq, content, payload_meta, request_meta, args.start_dispatch)
+    payload = Payload(content, payload_meta)
+    response = stoq.scan_unsaved(payload, request_meta, args.start_dispatch)
     connectors = stoq.core("connectors")
     if not connectors:
         print(dumps(response))
@@ -356,28 +357,12 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def _scan(
-    stoq: Stoq,
-    content: bytes,
-    payload_meta: PayloadMeta,
-    request_meta: RequestMeta,
-    start_dispatch: List[str],
-) -> StoqResponse:
-    return stoq.scan_unsaved(Payload(content, payload_meta), request_meta, start_dispatch)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     stoq, request_meta = _scan_stoq(args, providers=args.providers)
     if not stoq.core("providers"):
         raise _Exit(EX_USAGE, ["stoq: nothing to run: give -P NAME or set [core] providers"])
-    try:
-        return stoq.run(request_meta=request_meta, add_start_dispatch=args.start_dispatch)
-    except ModuleNotFoundError as exc:
-        if exc.name != "stoqd.daemon":
-            raise
-        raise _Exit(
-            EX_SOFTWARE, ["stoq: run needs the stoqd daemon (stoqd.daemon), not installed"]
-        ) from None
+    # The daemon's engine, stoQ's semantics: until every provider is exhausted.
+    return stoq.run(request_meta=request_meta, add_start_dispatch=args.start_dispatch)
 
 
 def plugin_table(listing: Dict[str, Dict[str, str]]) -> List[str]:
