@@ -64,7 +64,10 @@ def _size(value: str) -> int:
     text = value.strip().upper().removesuffix("B") or "0"
     scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
     digits = text[:-1] if text[-1] in "KMG" else text
-    number = int(float(digits) * scale)
+    try:
+        number = int(float(digits) * scale)
+    except ValueError:
+        raise ValueError("expected a number with an optional K, M or G suffix") from None
     if number < 0:
         raise ValueError("must be 0 or more")
     return number
@@ -276,6 +279,7 @@ class Config:
     plugin_opts: Dict[str, Dict[str, str]] = field(default_factory=dict)
     provider_overrides: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     ignored: List[str] = field(default_factory=list)
+    display_path: str = "<defaults>"  # the path as the user gave it, for messages
 
     def get(self, section: str, key: str) -> Any:
         return self.values[section][key]
@@ -333,6 +337,17 @@ def load(path: Optional[os.PathLike[str] | str]) -> Config:
         raise ConfigError([f"{file}: configuration file not found"]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{file}: cannot read configuration file: {exc}"]) from None
+    except configparser.MissingSectionHeaderError as exc:
+        raise ConfigError(
+            [f"{file}: line {exc.lineno}: not a valid INI file: a key before any [section] header"]
+        ) from None
+    except configparser.ParsingError as exc:
+        raise ConfigError(
+            [
+                f"{file}: line {lineno}: not a valid INI file: cannot parse {line.strip()!r}"
+                for lineno, line in exc.errors
+            ]
+        ) from None
     except configparser.Error as exc:
         first = str(exc).splitlines()[0]
         raise ConfigError([f"{file}: not a valid INI file: {first}"]) from None
@@ -342,6 +357,7 @@ def load(path: Optional[os.PathLike[str] | str]) -> Config:
 def _validate(file: Path, parser: configparser.ConfigParser) -> Config:
     config = defaults()
     config.path = file.resolve()
+    config.display_path = str(file)
     problems: List[str] = []
     for section in parser.sections():
         where = f"{file}: [{section}]"
@@ -379,7 +395,7 @@ def check_plugins(config: Config, known: Iterable[str]) -> None:
     """Every plugin the file names, in a list or as a section, must exist."""
     known = sorted(known)
     listing = ", ".join(known) or "none"
-    name = str(config.path) if config.path else "<defaults>"
+    name = config.display_path
     problems: List[str] = []
     for setting in SCHEMA:
         if not setting.plugin_list:

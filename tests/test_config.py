@@ -67,7 +67,9 @@ def test_not_utf8(tmp_path: Path) -> None:
 
 def test_no_section_header(tmp_path: Path) -> None:
     path = write_cfg(tmp_path, "connectors = stdout\n")
-    assert problems_of(path) == [f"{path}: not a valid INI file: File contains no section headers."]
+    assert problems_of(path) == [
+        f"{path}: line 1: not a valid INI file: a key before any [section] header"
+    ]
 
 
 def test_duplicate_key(tmp_path: Path) -> None:
@@ -378,3 +380,18 @@ def test_stoq_config_environment_variable(run_cmd, clean_env, tmp_path: Path) ->
         f"{cfg}: [core] always_dispatch: unknown plugin nope_plugin "
         f"(known plugins: {known_listing()})\n"
     )
+
+
+def test_unparsable_lines_are_named_by_number(tmp_path: Path) -> None:
+    path = write_cfg(tmp_path, "[core]\nconnectors = stdout\nthis is not a key\n")
+    assert problems_of(path) == [
+        f"{path}: line 3: not a valid INI file: cannot parse 'this is not a key'"
+    ]
+
+
+def test_a_size_that_is_not_a_number(tmp_path: Path) -> None:
+    path = write_cfg(tmp_path, "[core]\nmax_payload_size = big\n")
+    assert problems_of(path) == [
+        f"{path}: [core] max_payload_size: 'big' is not a size such as 100M: "
+        "expected a number with an optional K, M or G suffix"
+    ]

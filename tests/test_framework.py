@@ -405,11 +405,6 @@ def test_bad_extracted_items_and_worker_errors_are_recorded(make) -> None:
     assert data["results"][0]["workers"] == [{"fw_bad_extract": {"ok": 1}}]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scan.py records each such error twice (_with_required and _run_worker both "
-    "call _plugin); remove this mark once fixed",
-)
 def test_unknown_and_wrong_kind_plugins_are_recorded_once(make) -> None:
     payload = Payload(b"abc", PayloadMeta(dispatch_to=["no_such_worker", "fw_archiver"]))
     data = as_json(make(always_dispatch=["fw_echo"]).scan_payload(payload))

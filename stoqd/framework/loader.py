@@ -10,6 +10,7 @@ point, so a user can replace a built-in.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -177,7 +178,9 @@ def _entry_point_stoq_file(module_name: str, name: str) -> Optional[Path]:
 
 def _import_file(name: str, path: Path) -> ModuleType:
     """Import a plugin-directory module under a private name, siblings importable."""
-    module_name = f"stoq_plugins.{name}"
+    # Named by path too: two plugin directories may each hold a plugin called ``name``.
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    module_name = f"stoq_plugins.{name}_{digest}"
     if module_name in sys.modules:
         return sys.modules[module_name]
     is_package = path.name == "__init__.py"

@@ -190,7 +190,10 @@ class Scan:
         def visit(name: str, trail: Tuple[str, ...]) -> None:
             if name in ordered or name in already_run or name in trail:
                 return
-            plugin = self._plugin(name, WorkerPlugin)
+            try:
+                plugin: Any = self.plugins.get(name)
+            except StoqPluginException:
+                plugin = None  # _run_worker records the error, once
             for required in sorted(getattr(plugin, "required_workers", ())):
                 visit(required, (*trail, name))
             ordered.append(name)
