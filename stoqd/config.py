@@ -342,10 +342,12 @@ def load(path: Optional[os.PathLike[str] | str]) -> Config:
             [f"{file}: line {exc.lineno}: not a valid INI file: a key before any [section] header"]
         ) from None
     except configparser.ParsingError as exc:
+        lines = file.read_text(encoding="utf-8", errors="replace").splitlines()
         raise ConfigError(
             [
-                f"{file}: line {lineno}: not a valid INI file: cannot parse {line.strip()!r}"
-                for lineno, line in exc.errors
+                f"{file}: line {lineno}: not a valid INI file: "
+                f"cannot parse {lines[lineno - 1].strip()!r}"
+                for lineno, _ in exc.errors
             ]
         ) from None
     except configparser.Error as exc:
