@@ -11,16 +11,20 @@ ENTRYPOINT and HEALTHCHECK argv.
 from __future__ import annotations
 
 import configparser
+import hashlib
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, Iterator, List, Optional
 
+import pytest
 from deploy_helpers import DEPLOY, REPO
 
 DOCKER = DEPLOY / "docker"
@@ -194,3 +198,187 @@ def _cfg(path: Path) -> Dict[str, Dict[str, str]]:
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(path)
     return {name: dict(parser[name]) for name in parser.sections()}
+
+
+# -- the image's commands, run in a throwaway container made of namespaces -------------
+
+# Runs as "PID 1" of a new PID namespace, in a private mount namespace: lays out what the
+# image has (/etc/stoqd with the config, /var/lib/stoqd, /run/stoqd), binds the two
+# volumes, then execs the given command (the ENTRYPOINT), which thereby stays PID 1.
+_CONTAINER_SETUP = r"""
+set -eu
+work=$1 config_dir=$2; shift 2
+mkdir -p "$work/etc-upper" "$work/etc-work"
+mount -t overlay overlay -o "lowerdir=/etc,upperdir=$work/etc-upper,workdir=$work/etc-work" /etc
+mount -t tmpfs tmpfs /var/lib
+mount -t tmpfs tmpfs /run
+mkdir -p /etc/stoqd /run/stoqd
+cp -r "$config_dir/." /etc/stoqd/
+for d in incoming done failed results archive; do mkdir -p "/var/lib/stoqd/$d"; done
+mount --bind "$work/incoming" /var/lib/stoqd/incoming
+mount --bind "$work/results" /var/lib/stoqd/results
+exec "$@"
+"""
+
+
+def _can_make_containers() -> Optional[str]:
+    """Why namespaces cannot be used here, or None when they can."""
+    if not shutil.which("unshare") or not shutil.which("nsenter"):
+        return "unshare/nsenter (util-linux) are not installed"
+    probe = subprocess.run(
+        ["unshare", "--mount", "--pid", "--fork", "--mount-proc", "true"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    if probe.returncode != 0:
+        return f"cannot create mount and PID namespaces here (root needed): {probe.stderr.strip()}"
+    return None
+
+
+needs_namespaces = pytest.mark.skipif(
+    sys.platform != "linux" or _can_make_containers() is not None,
+    reason=str(_can_make_containers() if sys.platform == "linux" else "Linux only"),
+)
+
+
+class Container:
+    """The image's ENTRYPOINT as PID 1 with the image's file layout and two volumes."""
+
+    def __init__(
+        self,
+        work: Path,
+        config_dir: Path,
+        extra_args: List[str] = (),
+        env: Optional[Dict[str, str]] = None,
+    ) -> None:
+        self.work = work
+        self.incoming = work / "incoming"
+        self.results = work / "results"
+        self.incoming.mkdir()
+        self.results.mkdir()
+        self.env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}  # ENV PATH=...
+        self.env.pop("STOQ_CONFIG", None)
+        self.env.update(env or {})
+        self.log_path = work / "container.log"
+        entrypoint = exec_form(final_stage(), "ENTRYPOINT")
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                ["unshare", "--mount", "--pid", "--fork", "--mount-proc",
+                 "--propagation", "private", "bash", "-c", _CONTAINER_SETUP, "container",
+                 str(work), str(config_dir), *entrypoint, *extra_args],
+                stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+            )  # fmt: skip
+
+    @property
+    def pid1(self) -> int:
+        """PID 1 of the container, as the host numbers it."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+            try:
+                found = children.read_text().split()
+            except FileNotFoundError:
+                found = []
+            if found:
+                return int(found[0])
+            time.sleep(0.05)
+        raise AssertionError(f"no PID 1 in the container\n{self.log()}")
+
+    def exec(self, argv: List[str]) -> subprocess.CompletedProcess:
+        """``docker exec``: run argv inside the container's namespaces."""
+        return subprocess.run(
+            ["nsenter", f"--target={self.pid1}", "--mount", "--pid", "--", *argv],
+            capture_output=True, text=True, timeout=60, env=self.env,
+        )  # fmt: skip
+
+    def health(self) -> subprocess.CompletedProcess:
+        """The image's HEALTHCHECK command, as Docker runs it."""
+        return self.exec(exec_form(final_stage(), "HEALTHCHECK"))
+
+    def wait_healthy(self, showing: str = "", timeout: float = 60) -> subprocess.CompletedProcess:
+        """Until the health check passes (and its output shows ``showing``)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"container exited\n{self.log()}"
+            done = self.health()
+            if done.returncode == 0 and showing in done.stdout:
+                return done
+            time.sleep(0.2)
+        raise AssertionError(f"never healthy: {done.stdout}{done.stderr}\n{self.log()}")
+
+    def stop(self, timeout: float = 60) -> int:
+        """``docker stop``: SIGTERM to PID 1, then wait (the test fails past ``timeout``)."""
+        os.kill(self.pid1, 15)
+        return self.process.wait(timeout)
+
+    def wait_exit(self, timeout: float = 60) -> int:
+        return self.process.wait(timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, 9)
+            except ProcessLookupError:
+                pass
+            self.process.wait(30)
+
+
+@pytest.fixture
+def container_work(short_dir: Path) -> Iterator[Path]:
+    work = short_dir / "container"
+    work.mkdir()
+    yield work
+
+
+def _image_config(directory: Path, *names: str) -> Path:
+    """A copy of deploy/docker's config files; the first one becomes stoq.cfg."""
+    directory.mkdir()
+    shutil.copy2(DOCKER / names[0], directory / "stoq.cfg")
+    return directory
+
+
+@needs_namespaces
+@pytest.mark.parametrize("config", ["stoq.cfg", "ingest.cfg", "scan.cfg"])
+def test_container_configs_pass_check_config_in_the_image_layout(
+    container_work: Path, config: str
+) -> None:
+    """``docker run IMAGE --check-config`` (arguments append to the ENTRYPOINT)."""
+    # compose.yaml's environment for the service running this config (${VAR:-default}).
+    service = next((body for body in compose_services().values() if f"./{config}:" in body), "")
+    env = {
+        name: default
+        for name, default in re.findall(r"^\s+([A-Z_]+): \$\{[A-Z_]+:-([^}]*)\}", service, re.M)
+    }
+    box = Container(container_work, _image_config(container_work / "etc", config),
+                    ["--check-config"], env)  # fmt: skip
+    try:
+        assert box.wait_exit() == 0, box.log()
+        assert "configuration OK" in box.log()
+    finally:
+        box.close()
+
+
+@needs_namespaces
+def test_container_scans_a_dropped_file_and_stops_on_sigterm(container_work: Path) -> None:
+    box = Container(container_work, _image_config(container_work / "etc", "stoq.cfg"))
+    try:
+        healthy = box.wait_healthy(showing="RUNNING")
+        assert healthy.stdout.startswith("stoqd running, pid 1, ")  # PID 1, as in Docker
+        assert re.search(r"^dirmon +RUNNING ", healthy.stdout, re.M), healthy.stdout
+        sample = b"a file dropped into the incoming volume\n"
+        (box.incoming / "sample.txt").write_bytes(sample)
+        results = box.results / "results.jsonl"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (results.exists() and results.read_text()):
+            time.sleep(0.1)
+        (line,) = results.read_text().splitlines()
+        workers = json.loads(line)["results"][0]["workers"][0]
+        assert workers["hash"]["sha256"] == hashlib.sha256(sample).hexdigest()
+        assert workers["mimetype"]["mimetype"] == "text/plain"
+        assert box.stop() == 0, box.log()
+        exited = [json.loads(x) for x in box.log().splitlines() if '"event": "exited"' in x]
+        assert exited and exited[-1]["exit"] == 0 and exited[-1]["pid"] == 1
+    finally:
+        box.close()
