@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
 import pytest
-from deploy_helpers import DEPLOY, REPO
+from deploy_helpers import DEPLOY, REPO, held_config
 
 DOCKER = DEPLOY / "docker"
 DOCKERFILE = DOCKER / "Dockerfile"
@@ -365,7 +365,10 @@ def test_container_scans_a_dropped_file_and_stops_on_sigterm(container_work: Pat
     box = Container(container_work, _image_config(container_work / "etc", "stoq.cfg"))
     try:
         healthy = box.wait_healthy(showing="RUNNING")
-        assert healthy.stdout.startswith("stoqd running, pid 1, ")  # PID 1, as in Docker
+        assert healthy.stdout.startswith("stoqd running, pid ")
+        # PID 1 is the ENTRYPOINT (python running the stoqd script), as under Docker.
+        script, *args = box.exec(["cat", "/proc/1/cmdline"]).stdout.split("\0")[1:-1]
+        assert [Path(script).name, *args] == exec_form(final_stage(), "ENTRYPOINT")
         assert re.search(r"^dirmon +RUNNING ", healthy.stdout, re.M), healthy.stdout
         sample = b"a file dropped into the incoming volume\n"
         (box.incoming / "sample.txt").write_bytes(sample)
@@ -379,6 +382,105 @@ def test_container_scans_a_dropped_file_and_stops_on_sigterm(container_work: Pat
         assert workers["mimetype"]["mimetype"] == "text/plain"
         assert box.stop() == 0, box.log()
         exited = [json.loads(x) for x in box.log().splitlines() if '"event": "exited"' in x]
-        assert exited and exited[-1]["exit"] == 0 and exited[-1]["pid"] == 1
+        assert exited and exited[-1]["exit"] == 0 and exited[-1]["proc"] == "supervisor"
+    finally:
+        box.close()
+
+
+_CRASH_PY = """\
+from stoq.plugins import ProviderPlugin
+
+
+class CrashProvider(ProviderPlugin):
+    def ingest(self, queue):
+        raise RuntimeError("the source is unreachable")
+"""
+
+# Leaves an orphan behind, as a plugin's subprocess helper might: the middle process
+# exits at once, so the grandchild is re-parented to PID 1 and exits 0.3 s later.
+_ORPHAN_PY = """\
+import os
+import time
+
+from stoq.plugins import ProviderPlugin
+
+
+class OrphanProvider(ProviderPlugin):
+    def ingest(self, queue):
+        middle = os.fork()
+        if middle == 0:
+            orphan = os.fork()
+            if orphan == 0:
+                time.sleep(0.3)
+                os._exit(0)
+            with open(self.config.get("options", "pid_file"), "w") as out:
+                out.write(str(orphan))
+            os._exit(0)
+        os.waitpid(middle, 0)
+        queue.stopping.wait()
+"""
+
+
+def _add_provider(config_dir: Path, name: str, source: str, options: str = "") -> None:
+    folder = config_dir / "plugins" / name
+    folder.mkdir(parents=True)
+    (folder / f"{name}.stoq").write_text(
+        f"[Core]\nName = {name}\nModule = {name}\n\n[Documentation]\nDescription = test\n\n"
+        f"[options]\n{options}\n"
+    )
+    (folder / f"{name}.py").write_text(source)
+    cfg = config_dir / "stoq.cfg"
+    cfg.write_text(cfg.read_text().replace("providers = heldprov", f"providers = heldprov, {name}"))
+
+
+@needs_namespaces
+def test_health_check_fails_while_a_provider_is_fatal(container_work: Path) -> None:
+    config_dir = container_work / "etc"
+    config_dir.mkdir()
+    held_config(config_dir, count=0)
+    _add_provider(config_dir, "crashprov", _CRASH_PY)
+    with open(config_dir / "stoq.cfg", "a") as cfg:
+        cfg.write("\n[stoqd:crashprov]\nstartretries = 0\n")
+    box = Container(container_work, config_dir)
+    try:
+        deadline = time.monotonic() + 30
+        health = box.health()
+        while time.monotonic() < deadline and "FATAL" not in health.stdout:
+            time.sleep(0.2)
+            health = box.health()
+        assert re.search(r"^crashprov +FATAL ", health.stdout, re.M), health.stdout + box.log()
+        assert health.returncode == 3  # stoqctl: a provider is FATAL -> unhealthy
+        assert re.search(r"^heldprov +RUNNING ", health.stdout, re.M)
+    finally:
+        box.close()
+
+
+@needs_namespaces
+@pytest.mark.xfail(
+    strict=True,  # passes once stoqd reaps as PID 1; then this marker must go
+    reason="stoqd as PID 1 does not reap orphans yet (deploy engineer's report: stoqd/pid1.py)",
+)
+def test_pid1_reaps_orphans(container_work: Path) -> None:
+    config_dir = container_work / "etc"
+    config_dir.mkdir()
+    held_config(config_dir, count=0)
+    _add_provider(config_dir, "orphaner", _ORPHAN_PY, "pid_file = /run/orphan.pid")
+    box = Container(container_work, config_dir)
+    try:
+        box.wait_healthy(showing="orphaner")
+        deadline = time.monotonic() + 20
+        pid_file = box.exec(["cat", "/run/orphan.pid"])
+        while time.monotonic() < deadline and not pid_file.stdout:
+            time.sleep(0.1)
+            pid_file = box.exec(["cat", "/run/orphan.pid"])
+        orphan = int(pid_file.stdout)
+        # A zombie stays in /proc until its parent -- PID 1 by now -- reaps it.
+        deadline = time.monotonic() + 5
+        state = box.exec(["cat", f"/proc/{orphan}/stat"])
+        while time.monotonic() < deadline and state.returncode == 0:
+            time.sleep(0.2)
+            state = box.exec(["cat", f"/proc/{orphan}/stat"])
+        assert state.returncode != 0, f"orphan {orphan} never reaped: {state.stdout}"
+        assert box.stop() == 0, box.log()
     finally:
         box.close()
