@@ -5,9 +5,14 @@ Imported by name (``tests/deploy`` is on ``sys.path`` under pytest's default imp
 
 from __future__ import annotations
 
+import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -112,3 +117,41 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+# Runs as "PID 1" of a new PID namespace, in a private mount namespace: lays out what the
+# image has (/etc/stoqd with the config, /var/lib/stoqd, /run/stoqd), binds the two
+# volumes, then execs the given command (the ENTRYPOINT), which thereby stays PID 1.
+CONTAINER_SETUP = r"""
+set -eu
+work=$1 config_dir=$2; shift 2
+mkdir -p "$work/etc-upper" "$work/etc-work"
+mount -t overlay overlay -o "lowerdir=/etc,upperdir=$work/etc-upper,workdir=$work/etc-work" /etc
+mount -t tmpfs tmpfs /var/lib
+mount -t tmpfs tmpfs /run
+mkdir -p /etc/stoqd /run/stoqd
+cp -r "$config_dir/." /etc/stoqd/
+for d in incoming done failed results archive; do mkdir -p "/var/lib/stoqd/$d"; done
+mount --bind "$work/incoming" /var/lib/stoqd/incoming
+mount --bind "$work/results" /var/lib/stoqd/results
+exec "$@"
+"""
+
+
+def _can_make_containers() -> Optional[str]:
+    """Why namespaces cannot be used here, or None when they can."""
+    if not shutil.which("unshare") or not shutil.which("nsenter"):
+        return "unshare/nsenter (util-linux) are not installed"
+    probe = subprocess.run(
+        ["unshare", "--mount", "--pid", "--fork", "--mount-proc", "true"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    if probe.returncode != 0:
+        return f"cannot create mount and PID namespaces here (root needed): {probe.stderr.strip()}"
+    return None
+
+
+needs_namespaces = pytest.mark.skipif(
+    sys.platform != "linux" or _can_make_containers() is not None,
+    reason=str(_can_make_containers() if sys.platform == "linux" else "Linux only"),
+)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
 import pytest
-from deploy_helpers import DEPLOY, REPO, held_config
+from deploy_helpers import CONTAINER_SETUP, DEPLOY, REPO, held_config, needs_namespaces
 
 DOCKER = DEPLOY / "docker"
 DOCKERFILE = DOCKER / "Dockerfile"
@@ -202,43 +202,6 @@ def _cfg(path: Path) -> Dict[str, Dict[str, str]]:
 
 # -- the image's commands, run in a throwaway container made of namespaces -------------
 
-# Runs as "PID 1" of a new PID namespace, in a private mount namespace: lays out what the
-# image has (/etc/stoqd with the config, /var/lib/stoqd, /run/stoqd), binds the two
-# volumes, then execs the given command (the ENTRYPOINT), which thereby stays PID 1.
-_CONTAINER_SETUP = r"""
-set -eu
-work=$1 config_dir=$2; shift 2
-mkdir -p "$work/etc-upper" "$work/etc-work"
-mount -t overlay overlay -o "lowerdir=/etc,upperdir=$work/etc-upper,workdir=$work/etc-work" /etc
-mount -t tmpfs tmpfs /var/lib
-mount -t tmpfs tmpfs /run
-mkdir -p /etc/stoqd /run/stoqd
-cp -r "$config_dir/." /etc/stoqd/
-for d in incoming done failed results archive; do mkdir -p "/var/lib/stoqd/$d"; done
-mount --bind "$work/incoming" /var/lib/stoqd/incoming
-mount --bind "$work/results" /var/lib/stoqd/results
-exec "$@"
-"""
-
-
-def _can_make_containers() -> Optional[str]:
-    """Why namespaces cannot be used here, or None when they can."""
-    if not shutil.which("unshare") or not shutil.which("nsenter"):
-        return "unshare/nsenter (util-linux) are not installed"
-    probe = subprocess.run(
-        ["unshare", "--mount", "--pid", "--fork", "--mount-proc", "true"],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
-    if probe.returncode != 0:
-        return f"cannot create mount and PID namespaces here (root needed): {probe.stderr.strip()}"
-    return None
-
-
-needs_namespaces = pytest.mark.skipif(
-    sys.platform != "linux" or _can_make_containers() is not None,
-    reason=str(_can_make_containers() if sys.platform == "linux" else "Linux only"),
-)
-
 
 class Container:
     """The image's ENTRYPOINT as PID 1 with the image's file layout and two volumes."""
@@ -263,7 +226,7 @@ class Container:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 ["unshare", "--mount", "--pid", "--fork", "--mount-proc",
-                 "--propagation", "private", "bash", "-c", _CONTAINER_SETUP, "container",
+                 "--propagation", "private", "bash", "-c", CONTAINER_SETUP, "container",
                  str(work), str(config_dir), *entrypoint, *extra_args],
                 stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
             )  # fmt: skip

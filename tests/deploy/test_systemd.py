@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import pytest
-from deploy_helpers import DEPLOY
+from deploy_helpers import CONTAINER_SETUP, DEPLOY, needs_namespaces
 
 from stoqd.config import SCHEMA
 
@@ -253,3 +253,24 @@ def _uid(root: Path, user: str) -> int:
         if fields[0] == user:
             return int(fields[2])
     raise AssertionError(f"{user} not in {root}/etc/passwd")
+
+
+@needs_namespaces
+def test_shipped_config_passes_check_config_in_the_units_layout(short_dir: Path) -> None:
+    """ExecStart with --check-config, with /etc/stoqd, /var/lib/stoqd and /run/stoqd as the
+    install steps lay them out (in a private mount namespace, so the host is untouched)."""
+    for volume in ("incoming", "results"):
+        (short_dir / volume).mkdir()
+    config_dir = short_dir / "etc"
+    config_dir.mkdir()
+    shutil.copy2(SYSTEMD / "stoq.cfg", config_dir / "stoq.cfg")
+    binary, *args = service()["ExecStart"][-1].split()
+    assert binary == "/opt/stoqd/bin/stoqd"
+    done = subprocess.run(
+        ["unshare", "--mount", "--pid", "--fork", "--mount-proc", "--propagation", "private",
+         "bash", "-c", CONTAINER_SETUP, "unit", str(short_dir), str(config_dir),
+         str(Path(sys.executable).parent / "stoqd"), *args, "--check-config"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == "configuration OK"
