@@ -183,13 +183,21 @@ def test_writable_paths_are_the_ones_tmpfiles_creates(root: Path) -> None:
         assert made.stat().st_uid == _uid(root, "stoqd"), path
 
 
-def test_shipped_config_uses_the_units_paths() -> None:
+def test_shipped_config_writes_only_where_the_unit_allows() -> None:
     cfg = SYSTEMD / "stoq.cfg"
     assert _cfg_value(cfg, "stoqd", "control_socket") == "/run/stoqd/stoqd.sock"
-    writable = " ".join(service()["ReadWritePaths"]).split()
-    assert _cfg_value(cfg, "dirmon", "source_dir") in writable
-    output = Path(_cfg_value(cfg, "jsonl", "output_file"))
-    assert str(output.parent) in writable
+    writable = [Path(p) for p in " ".join(service()["ReadWritePaths"]).split()]
+    writable.append(Path("/run") / service()["RuntimeDirectory"][-1])
+    paths = [
+        Path(value)
+        for line in cfg.read_text().splitlines()
+        if not line.startswith("#") and "=" in line
+        for value in [line.partition("=")[2].strip()]
+        if value.startswith("/")
+    ]
+    assert len(paths) >= 5  # socket, watched, done, failed, results
+    for path in paths:
+        assert any(path == w or w in path.parents for w in writable), f"{path} is read-only"
 
 
 def test_plugins_scan_under_memory_deny_write_execute(tmp_path: Path) -> None:
