@@ -340,4 +340,236 @@ def _wait(predicate: Any, what: str, timeout: float = 30.0) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-_ = (SAVED, signal, temp_dir, write_config, Daemon)
+# -- through the real daemon -----------------------------------------------------------------
+
+# Test workers, written into a plugin directory: "gate" holds payloads starting with HOLD
+# until a release file exists; "killer" SIGKILLs its worker the first time it sees a
+# payload starting with KILL (a marker file remembers), so stoqd must retry it.
+_GATE = """\
+import os, time
+from stoq.data_classes import WorkerResponse
+from stoq.plugins import WorkerPlugin
+
+
+class Gate(WorkerPlugin):
+    def scan(self, payload, request_meta):
+        content = payload.content
+        gate_dir = self.config.get("options", "gate_dir")
+        if content.startswith(b"HOLD"):
+            open(os.path.join(gate_dir, "holding"), "w").close()
+            while not os.path.exists(os.path.join(gate_dir, "release")):
+                time.sleep(0.02)
+        if content.startswith(b"SLOW"):
+            time.sleep(0.05)
+        if content.startswith(b"KILL"):
+            marker = os.path.join(gate_dir, "killed-" + content.hex()[:64])
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os.kill(os.getpid(), 9)
+        return WorkerResponse({"size": len(content)})
+"""
+
+
+def _plugins(root: Path, gate_dir: Path) -> Path:
+    folder = root / "plugins" / "gate"
+    folder.mkdir(parents=True)
+    (folder / "gate.py").write_text(_GATE)
+    (folder / "gate.stoq").write_text(
+        f"[Core]\nName = gate\nModule = gate\n\n[Documentation]\nDescription = test gate\n"
+        f"\n[options]\ngate_dir = {gate_dir}\n"
+    )
+    return root / "plugins"
+
+
+class Run:
+    """A stoqd daemon consuming one queue of the test node, and what it saved."""
+
+    def __init__(self, node: RabbitNode, queue: str, workers: int = 2, **rabbit: Any) -> None:
+        self.dir = temp_dir("stoqd-mq-")
+        self.gate = self.dir / "gate"
+        self.gate.mkdir()
+        _plugins(self.dir, self.gate)
+        self.results = self.dir / "results.jsonl"
+        self.config = write_config(self.dir, {
+            "core": {"providers": "rabbitmq", "connectors": "jsonl",
+                     "always_dispatch": "gate", "plugin_dir_list": "plugins"},
+            "stoqd": {"workers": workers, "backoff_initial": 0.1, "backoff_max": 1,
+                      "startretries": 100, "graceful_timeout": 10},
+            "rabbitmq": {"host": "127.0.0.1", "port": node.port, "queue": queue,
+                         "reconnect_max": 1, **rabbit},
+            "jsonl": {"output_file": "${here}/results.jsonl"},
+        })  # fmt: skip
+        self.daemon: Optional[Daemon] = None
+
+    def start(self) -> Daemon:
+        self.daemon = Daemon(self.config)
+        return self.daemon
+
+    def saved(self) -> List[Dict[str, Any]]:
+        """``extra_data`` of the root payload of every saved result."""
+        if not self.results.exists():
+            return []
+        saved = []
+        for line in self.results.read_text().splitlines():
+            results = json.loads(line)["results"] if line.strip() else []
+            if results:  # failure records (why an item could not be scanned) have none
+                saved.append(results[0]["payload_meta"]["extra_data"])
+        return saved
+
+    def stats(self) -> Dict[str, Any]:
+        assert self.daemon is not None
+        return self.daemon.provider("rabbitmq").get("stats") or {}
+
+    def close(self) -> None:
+        if self.daemon is not None:
+            self.daemon.close()
+
+
+@pytest.fixture
+def runs() -> Any:
+    started: List[Run] = []
+
+    def make(*args: Any, **kwargs: Any) -> Run:
+        run = Run(*args, **kwargs)
+        started.append(run)
+        return run
+
+    yield make
+    for run in started:
+        run.close()
+
+
+def _unacked(node: RabbitNode, queue: str) -> int:
+    out = node.ctl("list_queues", "-q", "--no-table-headers", "name", "messages_unacknowledged")
+    counts = dict(line.split() for line in out.splitlines() if line.strip())
+    return int(counts[queue])
+
+
+def test_message_is_acked_only_after_its_result_is_saved(
+    mq_rabbitmq: RabbitNode, broker: Broker, runs: Any
+) -> None:
+    queue = unique()
+    run = runs(mq_rabbitmq, queue)
+    daemon = run.start()
+    daemon.wait_for(lambda s: run.stats().get("connection", "").startswith("connected"),
+                    what="the provider connected")  # fmt: skip
+    broker.publish(queue, b"HOLD this one", message_id="held")
+    _wait(lambda: (run.gate / "holding").exists(), "the scan to start")
+    assert _unacked(mq_rabbitmq, queue) == 1  # being scanned: on the broker, unacknowledged
+    assert run.saved() == []
+    (run.gate / "release").touch()
+    _wait(lambda: len(run.saved()) == 1, "the result")
+    daemon.wait_for(lambda s: run.stats().get("acked") == 1, what="the ack")
+    assert broker.ready(queue) == 0 and _unacked(mq_rabbitmq, queue) == 0
+    assert run.saved()[0]["message_id"] == "held"
+
+
+def test_kill_9_of_a_worker_mid_scan_loses_nothing(
+    mq_rabbitmq: RabbitNode, broker: Broker, runs: Any
+) -> None:
+    queue = unique()
+    declare(mq_rabbitmq, queue)
+    ids = [f"m{n}" for n in range(30)]
+    for number, message_id in enumerate(ids):
+        body = b"KILL %d" % number if number % 10 == 3 else b"SLOW %d" % number
+        broker.publish(queue, body, message_id=message_id)
+    run = runs(mq_rabbitmq, queue)
+    daemon = run.start()
+    _wait(lambda: len(run.saved()) >= len(ids), "every result", timeout=60)
+    daemon.wait_for(lambda s: run.stats().get("acked") == len(ids), what="every ack")
+    assert sorted(r["message_id"] for r in run.saved()) == sorted(ids)  # each exactly once
+    assert len(list(run.gate.glob("killed-*"))) == 3
+    assert broker.ready(queue) == 0 and _unacked(mq_rabbitmq, queue) == 0
+
+
+def test_kill_9_of_the_provider_redelivers_what_was_not_acked(
+    mq_rabbitmq: RabbitNode, broker: Broker, runs: Any
+) -> None:
+    queue = unique()
+    declare(mq_rabbitmq, queue)
+    ids = [f"m{n}" for n in range(40)]
+    for number, message_id in enumerate(ids):
+        broker.publish(queue, b"SLOW %d" % number, message_id=message_id)
+    run = runs(mq_rabbitmq, queue, prefetch=5)
+    daemon = run.start()
+    daemon.wait_for(lambda s: (run.stats().get("acked") or 0) >= 5, what="some acks")
+    first = daemon.provider("rabbitmq")["pid"]
+    os.kill(first, signal.SIGKILL)
+    daemon.wait_for(lambda s: daemon.provider("rabbitmq")["pid"] not in (None, first),
+                    what="the provider restarted")  # fmt: skip
+    _wait(lambda: {r["message_id"] for r in run.saved()} == set(ids), "every result", 60)
+    _wait(lambda: broker.ready(queue) == 0 and _unacked(mq_rabbitmq, queue) == 0,
+          "every message acknowledged", 60)  # fmt: skip
+    seen: Dict[str, int] = {}
+    for result in run.saved():
+        seen[result["message_id"]] = seen.get(result["message_id"], 0) + 1
+        if seen[result["message_id"]] > 1:  # a second copy only of a redelivered message
+            assert result["redelivered"] is True
+    assert broker.get_all(f"{queue}.dead") == []
+
+
+def test_broker_restart_loses_nothing_and_scans_each_message_once(
+    mq_rabbitmq: RabbitNode, broker: Broker, runs: Any
+) -> None:
+    queue = unique()
+    declare(mq_rabbitmq, queue)
+    ids = [f"m{n}" for n in range(60)]
+    for number, message_id in enumerate(ids):
+        broker.publish(queue, b"SLOW %d" % number, message_id=message_id)
+    broker.close()
+    run = runs(mq_rabbitmq, queue, prefetch=10)
+    daemon = run.start()
+    daemon.wait_for(lambda s: (run.stats().get("acked") or 0) >= 5, what="some acks")
+    mq_rabbitmq.stop()
+    daemon.wait_for(lambda s: run.stats().get("connection", "").startswith("down"),
+                    what="the provider to see the broker gone")  # fmt: skip
+    mq_rabbitmq.start()
+    _wait(lambda: {r["message_id"] for r in run.saved()} == set(ids), "every result", 90)
+    daemon.wait_for(lambda s: run.stats().get("connection", "").startswith("connected"),
+                    what="the provider reconnected")  # fmt: skip
+    again = Broker(mq_rabbitmq)
+    try:
+        _wait(lambda: again.ready(queue) == 0 and _unacked(mq_rabbitmq, queue) == 0,
+              "every message acknowledged", 60)  # fmt: skip
+    finally:
+        again.close()
+    assert sorted(r["message_id"] for r in run.saved()) == sorted(ids)
+
+
+def test_unresolvable_reference_is_retried_then_dead_lettered(
+    mq_rabbitmq: RabbitNode, broker: Broker, runs: Any
+) -> None:
+    queue = unique()
+    declare(mq_rabbitmq, queue)
+    reference = json.dumps({"nosucharchiver": {"path": "x"}}).encode()
+    broker.publish(queue, reference, content_type="application/json", message_id="ref")
+    broker.publish(queue, b"fine", message_id="fine")
+    run = runs(mq_rabbitmq, queue, max_retries=1)
+    daemon = run.start()
+    daemon.wait_for(lambda s: run.stats().get("dead_lettered") == 1, what="the dead letter")
+    _wait(lambda: broker.ready(f"{queue}.dead") == 1, "the dead-letter queue")
+    [(properties, body)] = broker.get_all(f"{queue}.dead")
+    assert body == reference
+    assert "nosucharchiver" in properties.headers["x-stoqd-error"]
+    assert properties.headers["x-stoqd-retries"] == 1
+    assert [r.get("message_id") for r in run.saved() if r.get("message_id")] == ["fine"]
+
+
+def test_two_daemons_on_one_queue_share_the_load(
+    mq_rabbitmq: RabbitNode, broker: Broker, runs: Any
+) -> None:
+    queue = unique()
+    declare(mq_rabbitmq, queue)
+    ids = [f"m{n}" for n in range(60)]
+    for number, message_id in enumerate(ids):
+        broker.publish(queue, b"SLOW %d" % number, message_id=message_id)
+    first, second = (
+        runs(mq_rabbitmq, queue, workers=1, prefetch=2),
+        runs(mq_rabbitmq, queue, workers=1, prefetch=2),
+    )
+    first.start(), second.start()
+    _wait(lambda: len(first.saved()) + len(second.saved()) >= len(ids), "every result", 60)
+    one = [r["message_id"] for r in first.saved()]
+    two = [r["message_id"] for r in second.saved()]
+    assert one and two  # both did a share
+    assert sorted(one + two) == sorted(ids)  # and together every message, once
