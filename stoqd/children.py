@@ -13,7 +13,6 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from multiprocessing.context import BaseContext
 from typing import Any, Callable, Deque, Dict, Optional
 
 from .states import State
@@ -48,7 +47,7 @@ class Child:
         self.channel: Optional[Channel] = None
         self.started_at = 0.0
 
-    def spawn(self, ctx: BaseContext, target: Callable[..., None], *args: Any) -> Channel:
+    def spawn(self, ctx: Any, target: Callable[..., None], *args: Any) -> Channel:
         ours, theirs = socket.socketpair()
         self.process = ctx.Process(target=target, args=(*args[:1], theirs, *args[1:]), daemon=False)
         self.process.start()

@@ -34,7 +34,7 @@ def setup(proc: str, level: str = "INFO", syntax: str = "auto") -> None:
         if as_json
         else structlog.dev.ConsoleRenderer(colors=False, pad_event=0)
     )
-    shared = [
+    shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

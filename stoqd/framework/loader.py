@@ -140,10 +140,8 @@ class PluginRegistry:
     def kind(self, name: str) -> str:
         """``worker``, ``provider``, ... (imports the plugin)."""
         cls = self.plugin_class(name)
-        for kind, base in PLUGIN_CLASSES.items():
-            if issubclass(cls, base):
-                return kind
-        return "unknown"
+        kinds = [kind for kind, base in PLUGIN_CLASSES.items() if issubclass(cls, base)]
+        return ", ".join(kinds) or "unknown"
 
     def load(self, name: str, layered_opts: Optional[Dict[str, Any]] = None) -> BasePlugin:
         """Build plugin ``name``; ``layered_opts`` (stoq.cfg, then command line) win over

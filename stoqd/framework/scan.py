@@ -8,6 +8,7 @@ daemon's workers both drive it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -174,7 +175,7 @@ class Scan:
                 continue
             response = self._guarded(
                 name,
-                lambda d=dispatcher: d.get_dispatches(payload, self.request_meta),
+                functools.partial(dispatcher.get_dispatches, payload, self.request_meta),
                 (DispatcherResponse,),
             )
             if response is not None:
@@ -248,7 +249,7 @@ class Scan:
                 continue
             response = self._guarded(
                 name,
-                lambda a=archiver: a.archive(payload, self.request_meta),
+                functools.partial(archiver.archive, payload, self.request_meta),
                 (ArchiverResponse,),
             )
             payload.plugins_run["archivers"].append(name)
@@ -263,7 +264,7 @@ class Scan:
             if decorator is None:
                 continue
             result = self._guarded(
-                name, lambda d=decorator: d.decorate(response), (DecoratorResponse,)
+                name, functools.partial(decorator.decorate, response), (DecoratorResponse,)
             )
             if result is not None:
                 response.decorators[name] = result.results
