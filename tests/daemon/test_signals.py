@@ -1,0 +1,144 @@
+"""Signals from an operator or a service manager: SIGTERM/SIGINT stop gracefully and say
+what was not done, SIGHUP reloads the configuration or says why it cannot."""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+from typing import Any, Callable, Dict
+
+import pytest
+
+from .helpers import Run, wait_until
+
+
+def _provider(status: Dict[str, Any], name: str) -> Dict[str, Any]:
+    return next(p for p in status["providers"] if p["name"] == name)
+
+
+def test_sigterm_finishes_in_flight_items_and_returns_queued_ones(
+    make_run: Callable[..., Run],
+) -> None:
+    run = make_run({
+        "core": {"providers": "source", "always_dispatch": "hash, sleepy", "max_queue": 10},
+        "sleepy": {"match": "", "seconds": 0.3},
+        "source": {"count": 200, "outcomes": "{dir}/outcomes"},
+    })  # fmt: skip
+    daemon = run.start()
+    daemon.wait_for(
+        lambda s: s["queue"]["depth"] > 0 and _provider(s, "source")["saved"] >= 2,
+        what="a full queue and slow scans",
+    )
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit() == 0, daemon.log()
+
+    stopping = next(e for e in daemon.events() if e["event"] == "stopping")
+    assert stopping["reason"] == "signal SIGTERM"
+    assert stopping["queued"] > 0 and stopping["in_flight"] > 0
+    outcomes = run.outcomes()
+    assert len({o[0] for o in outcomes}) == len(outcomes)  # one outcome per item
+    statuses = Counter(o[1] for o in outcomes)
+    assert statuses["failed"] == 0
+    assert statuses["not_done"] == stopping["queued"]
+    assert {o[2] for o in outcomes if o[1] == "not_done"} == {
+        "daemon stopped before it was scanned"
+    }
+    # Everything reported saved has its result, and everything saved was reported.
+    saved = {o[0] for o in outcomes if o[1] == "saved"}
+    assert saved == set(run.saved_ids())
+    assert all(count == 1 for count in run.saved_ids().values())
+    assert len(saved) >= stopping["in_flight"]  # what was in flight at SIGTERM finished
+
+
+def test_sigterm_with_a_hanging_scan_exits_after_graceful_timeout(
+    make_run: Callable[..., Run],
+) -> None:
+    run = make_run({
+        "core": {"providers": "source", "always_dispatch": "hash, sleepy"},
+        "stoqd": {"graceful_timeout": 1, "scan_timeout": 3600},
+        "sleepy": {"match": "", "seconds": 3600},
+        "source": {"count": 20, "outcomes": "{dir}/outcomes"},
+    })  # fmt: skip
+    daemon = run.start()
+    daemon.wait_for(
+        lambda s: sum(1 for w in s["workers"] if w["state"] == "busy") == 2,
+        what="both workers stuck in a scan",
+    )
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit(timeout=20) == 0, daemon.log()
+    assert run.results() == []  # nothing finished, so nothing was saved
+    assert "saved" not in {o[1] for o in run.outcomes()}  # and nothing was said to be
+    killed = [e for e in daemon.events() if e["event"] == "exited" and "worker" in e]
+    assert {e["exit"] for e in killed} == {"killed by SIGKILL"}
+
+
+def test_sigint_stops_like_sigterm(make_run: Callable[..., Run]) -> None:
+    run = make_run({"core": {"providers": "hang"}})
+    daemon = run.start()
+    daemon.wait_for(lambda s: _provider(s, "hang")["state"] == "RUNNING", what="RUNNING")
+    daemon.signal(signal.SIGINT)
+    assert daemon.wait_exit() == 0, daemon.log()
+    stopping = [e["reason"] for e in daemon.events() if e["event"] == "stopping"]
+    assert stopping == ["signal SIGINT"]
+
+
+# Not strict: the event is missing in roughly one run of ten.
+@pytest.mark.xfail(
+    reason="daemon bug: _finished() sees the provider dead through alive() (waitpid) and "
+    "ends the loop before the sentinel callback _on_provider_exit has logged 'stopped'",
+    strict=False,
+)
+def test_a_provider_stopped_at_shutdown_is_logged(make_run: Callable[..., Run]) -> None:
+    run = make_run({"core": {"providers": "hang"}})
+    daemon = run.start()
+    daemon.wait_for(lambda s: _provider(s, "hang")["state"] == "RUNNING", what="RUNNING")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit() == 0, daemon.log()
+    stopped = [e for e in daemon.events() if e["event"] == "stopped"]
+    assert [(e["provider"], e["exit"]) for e in stopped] == [("hang", "exit 0")]
+
+
+def test_sighup_adds_a_provider_from_the_edited_file(make_run: Callable[..., Run]) -> None:
+    run = make_run({"core": {"providers": "hang"}})
+    daemon = run.start()
+    daemon.wait_for(lambda s: _provider(s, "hang")["state"] == "RUNNING", what="RUNNING")
+    hang_pid = daemon.provider("hang")["pid"]
+    run.configure({
+        "core": {"providers": "hang, source"},
+        "source": {"count": 5, "outcomes": "{dir}/outcomes"},
+    })  # fmt: skip
+    daemon.signal(signal.SIGHUP)
+    status = daemon.wait_for(
+        lambda s: any(p["name"] == "source" and p["state"] == "EXHAUSTED" for p in s["providers"]),
+        what="the added provider to run to exhaustion",
+    )
+    assert _provider(status, "source")["saved"] == 5
+    assert _provider(status, "hang")["pid"] == hang_pid  # untouched
+    assert run.saved_ids() == {f"item-{i}": 1 for i in range(1, 6)}
+    wait_until(lambda: len(run.outcomes()) == 5, what="5 outcomes")
+    reloaded = [e for e in daemon.events() if e["event"] == "reloaded"]
+    assert [e["providers"] for e in reloaded] == [["hang", "source"]]
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit() == 0, daemon.log()
+
+
+def test_sighup_with_an_invalid_file_keeps_running_and_says_why(
+    make_run: Callable[..., Run],
+) -> None:
+    run = make_run({"core": {"providers": "hang"}})
+    daemon = run.start()
+    before = daemon.wait_for(lambda s: _provider(s, "hang")["state"] == "RUNNING", what="RUNNING")
+    run.configure({"core": {"providers": "hang"}, "stoqd": {"workerz": 3}})
+    daemon.signal(signal.SIGHUP)
+    failed = wait_until(
+        lambda: [e for e in daemon.events() if e["event"] == "reload_failed"],
+        what="a reload_failed event",
+    )
+    assert [e["error"] for e in failed] == [
+        f"{run.config}: [stoqd] workerz: unknown key (did you mean workers?)"
+    ]
+    assert failed[0]["kept"] == "previous configuration"
+    after = daemon.status()
+    assert _provider(after, "hang")["pid"] == _provider(before, "hang")["pid"]
+    assert sorted(w["pid"] for w in after["workers"]) == sorted(w["pid"] for w in before["workers"])
+    assert after["daemon"]["state"] == "running"
