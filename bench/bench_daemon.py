@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -444,11 +444,23 @@ def _restart_breakdown(daemon: Daemon, total: float, killed_wall: float) -> Rest
 
 
 @dataclass
+class Usage:
+    """Memory of one or more processes, in MiB."""
+
+    rss: float = 0.0  # resident: shared pages counted in every process that maps them
+    pss: float = 0.0  # proportional: shared pages divided among the processes sharing them
+    uss: float = 0.0  # unique: pages only this process has (what it costs to add one)
+    processes: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(self.rss + other.rss, self.pss + other.pss, self.uss + other.uss,
+                     self.processes + other.processes)  # fmt: skip
+
+
+@dataclass
 class Memory:
-    rss: float  # MiB, summed
-    pss: float  # MiB, summed
-    processes: int
-    by_role: Dict[str, Tuple[float, float]]  # role -> (rss MiB, pss MiB)
+    total: Usage
+    by_role: Dict[str, Usage]
 
 
 IDLE_PROVIDERS = [f"idle{i}" for i in range(1, 6)]
@@ -469,34 +481,32 @@ def run_memory(settle: float) -> Memory:
         )
         time.sleep(settle)
         named = roles(daemon)
-        by_role: Dict[str, Tuple[float, float]] = {}
-        rss_total = pss_total = 0.0
-        procs = session_procs(daemon.pid)
-        for proc in procs.values():
-            rss, pss = _rss_pss(proc.pid)
+        by_role: Dict[str, Usage] = {}
+        total = Usage()
+        for proc in session_procs(daemon.pid).values():
+            usage = memory_of(proc.pid)
             role = role_of(proc, named)
-            old = by_role.get(role, (0.0, 0.0))
-            by_role[role] = (old[0] + rss, old[1] + pss)
-            rss_total += rss
-            pss_total += pss
-        return Memory(rss_total, pss_total, len(procs), by_role)
+            by_role[role] = by_role.get(role, Usage()) + usage
+            total = total + usage
+        return Memory(total, by_role)
     finally:
         daemon.close()
         reap_orphans()
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _rss_pss(pid: int) -> Tuple[float, float]:
-    """Resident and proportional set size of ``pid`` in MiB (smaps_rollup, in kB)."""
-    values: Dict[str, int] = {}
+def memory_of(pid: int) -> Usage:
+    """RSS, PSS and USS of ``pid`` from /proc/PID/smaps_rollup (which counts in kB)."""
+    kib: Dict[str, int] = {}
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
             key, _, rest = line.partition(":")
-            if key in ("Rss", "Pss"):
-                values[key] = int(rest.split()[0])
+            if key in ("Rss", "Pss", "Private_Clean", "Private_Dirty"):
+                kib[key] = int(rest.split()[0])
     except (OSError, ValueError, IndexError):
-        return 0.0, 0.0
-    return values.get("Rss", 0) / 1024, values.get("Pss", 0) / 1024
+        return Usage()
+    uss = kib.get("Private_Clean", 0) + kib.get("Private_Dirty", 0)
+    return Usage(kib.get("Rss", 0) / 1024, kib.get("Pss", 0) / 1024, uss / 1024, 1)
 
 
 # -- output -------------------------------------------------------------------------------
@@ -627,19 +637,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     print()
 
     memories = [run_memory(settle=2.0) for _ in range(args.runs)]
-    memory = sorted(memories, key=lambda m: m.pss)[len(memories) // 2]
-    verdict = "met" if memory.rss <= MEMORY_TARGET_MIB else "MISSED"
+    memory = sorted(memories, key=lambda m: m.total.pss)[len(memories) // 2]
+    verdict = "met" if memory.total.rss <= MEMORY_TARGET_MIB else "MISSED"
     print(
         f"3. Idle memory, 5 idle providers + 2 workers (hash, mimetype), "
-        f"{memory.processes} processes (median of {len(memories)} by PSS; "
+        f"{memory.total.processes} processes (median of {len(memories)} by PSS; "
         f"target <= {MEMORY_TARGET_MIB:.0f} MiB RSS: {verdict})"
     )
-    rows = [["process", "RSS MiB", "PSS MiB"]]
+    rows = [["process", "count", "RSS MiB", "PSS MiB", "USS MiB"]]
     for role in ("supervisor", "forkserver", "resource tracker", "provider", "worker", "other"):
         if role in memory.by_role:
-            rss, pss = memory.by_role[role]
-            rows.append([role, f"{rss:.1f}", f"{pss:.1f}"])
-    rows.append(["total", f"{memory.rss:.1f}", f"{memory.pss:.1f}"])
+            u = memory.by_role[role]
+            rows.append([role, str(u.processes), f"{u.rss:.1f}", f"{u.pss:.1f}", f"{u.uss:.1f}"])
+    u = memory.total
+    rows.append(["total", str(u.processes), f"{u.rss:.1f}", f"{u.pss:.1f}", f"{u.uss:.1f}"])
     print(table(rows))
     print()
     print(f"bench_daemon.py took {time.monotonic() - began:.0f} s")
@@ -649,13 +660,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             json.dumps(
                 {
                     "machine": facts,
-                    "baselines": {w: r.__dict__ for w, r in baselines.items()},
+                    "baselines": {w: asdict(r) for w, r in baselines.items()},
                     "throughput": {
-                        f"{c}x{s}/{w}w": [r.__dict__ for r in runs]
+                        f"{c}x{s}/{w}w": [asdict(r) for r in runs]
                         for (c, s, w), runs in throughput.items()
                     },
-                    "restart": [r.__dict__ for r in restarts],
-                    "memory": [m.__dict__ for m in memories],
+                    "restart": [asdict(r) for r in restarts],
+                    "memory": [asdict(m) for m in memories],
                 },
                 indent=2,
             )
