@@ -1,0 +1,320 @@
+"""The pubsub provider and connector against the official Pub/Sub emulator.
+
+Each test has its own topic and subscription (the emulator keeps feeding a cancelled
+stream for a while, so nothing is shared between tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import pytest
+from google.cloud import pubsub_v1
+from services import PubsubEmulator
+
+from stoqd.framework.data import Payload, RequestMeta, StoqResponse, new_errors
+from stoqd.framework.data import PayloadResults as Results
+from stoqd.framework.exceptions import StoqPluginException
+from stoqd.framework.loader import PluginRegistry
+from stoqd.testing import Daemon, RecordingQueue, temp_dir, write_config
+from stoqd.workqueue import FAILED, Outcome
+
+pytestmark = pytest.mark.services
+
+REGISTRY = PluginRegistry()
+PROJECT = "stoqd-test"
+
+
+def build(**opts: Any) -> Any:
+    return REGISTRY.load("pubsub", {k: str(v) for k, v in {"project_id": PROJECT, **opts}.items()})
+
+
+class Topic:
+    """A fresh topic with one subscription (10 s ack deadline) on the emulator."""
+
+    def __init__(self) -> None:
+        name = uuid.uuid4().hex[:10]
+        self.publisher = pubsub_v1.PublisherClient()
+        self.subscriber = pubsub_v1.SubscriberClient()
+        self.topic = f"topic-{name}"
+        self.subscription = f"sub-{name}"
+        self.topic_path = self.publisher.topic_path(PROJECT, self.topic)
+        self.sub_path = self.subscriber.subscription_path(PROJECT, self.subscription)
+        self.publisher.create_topic(name=self.topic_path)
+        self.subscriber.create_subscription(
+            name=self.sub_path, topic=self.topic_path, ack_deadline_seconds=10
+        )
+
+    def publish(self, data: bytes, **attributes: str) -> str:
+        return str(self.publisher.publish(self.topic_path, data, **attributes).result(30))
+
+    def listen(self, topic: str) -> Topic:
+        """A subscription on another topic (created if missing), to read what lands there."""
+        other = Topic.__new__(Topic)
+        other.publisher, other.subscriber = self.publisher, self.subscriber
+        other.topic, other.topic_path = topic, self.publisher.topic_path(PROJECT, topic)
+        other.subscription = f"listen-{uuid.uuid4().hex[:10]}"
+        other.sub_path = self.subscriber.subscription_path(PROJECT, other.subscription)
+        try:
+            self.publisher.create_topic(name=other.topic_path)
+        except Exception:  # AlreadyExists
+            pass
+        self.subscriber.create_subscription(name=other.sub_path, topic=other.topic_path)
+        return other
+
+    def pull(self, want: int, timeout: float = 20.0) -> List[Tuple[bytes, Dict[str, str]]]:
+        """Pull and ack until ``want`` messages arrived (or ``timeout``)."""
+        got: List[Tuple[bytes, Dict[str, str]]] = []
+        deadline = time.monotonic() + timeout
+        while len(got) < want and time.monotonic() < deadline:
+            response = self.subscriber.pull(subscription=self.sub_path, max_messages=10, timeout=5)
+            ids = []
+            for received in response.received_messages:
+                got.append((received.message.data, dict(received.message.attributes)))
+                ids.append(received.ack_id)
+            if ids:
+                self.subscriber.acknowledge(subscription=self.sub_path, ack_ids=ids)
+        return got
+
+
+@pytest.fixture
+def topic(mq_pubsub: PubsubEmulator) -> Topic:
+    return Topic()
+
+
+def consume(plugin: Any, outcome: Any = None, max_items: Optional[int] = None,
+            timeout: float = 15.0) -> RecordingQueue:  # fmt: skip
+    """Run ``ingest`` until ``max_items`` were put or ``timeout``; return once it returned."""
+    queue = RecordingQueue(max_items=max_items)
+    if outcome is not None:
+        queue.outcome = outcome
+    errors: List[BaseException] = []
+
+    def target() -> None:
+        try:
+            plugin.ingest(queue)
+        except BaseException as exc:  # handed to the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while thread.is_alive() and time.monotonic() < deadline and not queue.stopping.is_set():
+        time.sleep(0.05)
+    queue.stopping.set()
+    thread.join(30)
+    assert not thread.is_alive(), "the provider did not return after stopping"
+    if errors:
+        raise errors[0]
+    return queue
+
+
+# -- the fixture itself --------------------------------------------------------------------
+
+
+def test_emulator_round_trips_a_message(topic: Topic) -> None:
+    topic.publish(b"hello", source="test")
+    assert topic.pull(1) == [(b"hello", {"source": "test"})]
+
+
+# -- messages become work --------------------------------------------------------------------
+
+
+def test_message_becomes_payload_with_attributes(topic: Topic) -> None:
+    message_id = topic.publish(b"payload one", sensor="s1")
+    recorded = consume(build(subscription=topic.subscription), max_items=1)
+    [put] = recorded.puts
+    assert isinstance(put.item, Payload) and put.item.content == b"payload one"
+    extra = put.item.payload_meta.extra_data
+    assert extra["attributes"] == {"sensor": "s1"}
+    assert extra["message_id"] == message_id
+    assert extra["subscription"] == topic.sub_path
+    assert recorded.stats["acked"] == 1
+
+
+def test_json_message_is_an_archiver_reference(topic: Topic) -> None:
+    reference = {"filedir": {"sha256": "cd" * 32}}
+    topic.publish(json.dumps(reference).encode(), content_type="application/json")
+    [put] = consume(build(subscription=topic.subscription), max_items=1).puts
+    assert put.item == reference
+
+
+def test_failed_scan_is_redelivered_then_dead_lettered(topic: Topic) -> None:
+    dead = topic.listen(f"dead-{uuid.uuid4().hex[:8]}")
+    topic.publish(b"never saved")
+    plugin = build(subscription=topic.subscription, max_retries=2, dead_letter_topic=dead.topic)
+    failed = lambda put: Outcome(FAILED, error="connector jsonl failed: disk full")  # noqa: E731
+    recorded = consume(plugin, outcome=failed, max_items=3)
+    assert [p.item.content for p in recorded.puts] == [b"never saved"] * 3
+    [(data, attributes)] = dead.pull(1)
+    assert data == b"never saved"
+    assert attributes["stoqd_error"] == "failed 3 times: connector jsonl failed: disk full"
+
+
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        (b"{not json", "JSON message is not valid JSON"),
+        (b"[1, 2]", "JSON message is not a stoQ archiver reference"),
+    ],
+)
+def test_malformed_message_is_dead_lettered_and_consuming_goes_on(
+    topic: Topic, body: bytes, reason: str
+) -> None:
+    dead = topic.listen(f"dead-{uuid.uuid4().hex[:8]}")
+    topic.publish(body, content_type="application/json")
+    topic.publish(b"good")
+    plugin = build(subscription=topic.subscription, dead_letter_topic=dead.topic)
+    recorded = consume(plugin, max_items=1)
+    assert [p.item.content for p in recorded.puts] == [b"good"]
+    [(data, attributes)] = dead.pull(1)
+    assert data == body and attributes["stoqd_error"].startswith(reason)
+
+
+def test_missing_subscription_is_named(mq_pubsub: PubsubEmulator) -> None:
+    with pytest.raises(StoqPluginException) as error:
+        consume(build(subscription="no-such-sub"))
+    assert str(error.value) == (
+        f"plugin pubsub: subscription projects/{PROJECT}/subscriptions/no-such-sub does not "
+        "exist (set create = true and topic to create it)"
+    )
+
+
+def test_create_makes_topic_and_subscription(mq_pubsub: PubsubEmulator) -> None:
+    name = uuid.uuid4().hex[:8]
+    plugin = build(subscription=f"sub-{name}", topic=f"topic-{name}", create="true")
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+
+    def publish_once_created() -> None:
+        path = subscriber.subscription_path(PROJECT, f"sub-{name}")
+        _wait(lambda: _exists(subscriber, path), "the subscription", 10)
+        publisher.publish(publisher.topic_path(PROJECT, f"topic-{name}"), b"after").result(30)
+
+    threading.Thread(target=publish_once_created, daemon=True).start()
+    [put] = consume(plugin, max_items=1).puts
+    assert put.item.content == b"after"
+
+
+def _exists(subscriber: Any, path: str) -> bool:
+    try:
+        subscriber.get_subscription(subscription=path)
+        return True
+    except Exception:  # NotFound until the provider created it
+        return False
+
+
+def test_project_id_is_required() -> None:
+    with pytest.raises(StoqPluginException) as error:
+        REGISTRY.load("pubsub", {})
+    assert str(error.value) == "plugin pubsub: option project_id is required"
+
+
+# -- the connector -------------------------------------------------------------------------
+
+
+def _response(archivers: Optional[Dict[str, Any]] = None) -> StoqResponse:
+    results = Results.from_payload(Payload(b"content"))
+    results.archivers = archivers or {}
+    return StoqResponse([results], RequestMeta(), new_errors(), scan_id="scan-1")
+
+
+def test_connector_publishes_results(topic: Topic) -> None:
+    build(publish_topic=topic.topic).save(_response())
+    [(data, attributes)] = topic.pull(1)
+    assert json.loads(data)["scan_id"] == "scan-1"
+    assert attributes == {"content_type": "application/json", "stoqd_message_id": "scan-1"}
+
+
+def test_connector_references_are_read_by_the_provider(topic: Topic) -> None:
+    task = {"path": "ab/cd/abcd"}
+    build(publish_topic=topic.topic).save(_response({"filedir": task}))
+    [put] = consume(build(subscription=topic.subscription), max_items=1).puts
+    assert put.item == {"filedir": task}
+
+
+def test_connector_to_a_missing_topic_fails_saving(mq_pubsub: PubsubEmulator) -> None:
+    with pytest.raises(StoqPluginException) as error:
+        build(publish_topic="no-such-topic").save(_response())
+    assert str(error.value).startswith(
+        f"plugin pubsub: cannot publish to projects/{PROJECT}/topics/no-such-topic: NotFound"
+    )
+
+
+# -- through the real daemon -----------------------------------------------------------------
+
+_SLOW = """\
+import time
+from stoq.data_classes import WorkerResponse
+from stoq.plugins import WorkerPlugin
+
+
+class Slow(WorkerPlugin):
+    def scan(self, payload, request_meta):
+        time.sleep(0.05)
+        return WorkerResponse({"size": len(payload.content)})
+"""
+
+
+def _daemon_dir(topic: Topic, emulator: PubsubEmulator) -> Tuple[Path, Path]:
+    root = temp_dir("stoqd-ps-")
+    folder = root / "plugins" / "slow"
+    folder.mkdir(parents=True)
+    (folder / "slow.py").write_text(_SLOW)
+    (folder / "slow.stoq").write_text(
+        "[Core]\nName = slow\nModule = slow\n\n[Documentation]\nDescription = slow\n"
+    )
+    config = write_config(root, {
+        "core": {"providers": "pubsub", "connectors": "jsonl", "always_dispatch": "slow",
+                 "plugin_dir_list": "plugins"},
+        "stoqd": {"workers": 2, "backoff_initial": 0.1, "backoff_max": 1, "startretries": 100},
+        "pubsub": {"project_id": PROJECT, "subscription": topic.subscription,
+                   "max_messages": 5},
+        "jsonl": {"output_file": "${here}/results.jsonl"},
+    })  # fmt: skip
+    return config, root / "results.jsonl"
+
+
+def _saved_ids(results: Path) -> List[str]:
+    if not results.exists():
+        return []
+    return [json.loads(line)["results"][0]["payload_meta"]["extra_data"]["message_id"]
+            for line in results.read_text().splitlines() if line.strip()]  # fmt: skip
+
+
+def _wait(predicate: Any, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_daemon_acks_after_saving_and_kill_9_of_the_provider_loses_nothing(
+    topic: Topic, mq_pubsub: PubsubEmulator
+) -> None:
+    ids = [topic.publish(b"message %d" % n) for n in range(40)]
+    config, results = _daemon_dir(topic, mq_pubsub)
+    daemon = Daemon(config, env=mq_pubsub.env)
+    try:
+        stats = lambda: daemon.provider("pubsub").get("stats") or {}  # noqa: E731
+        daemon.wait_for(lambda s: (stats().get("acked") or 0) >= 5, what="some acks")
+        first = daemon.provider("pubsub")["pid"]
+        os.kill(first, signal.SIGKILL)
+        daemon.wait_for(lambda s: daemon.provider("pubsub")["pid"] not in (None, first),
+                        what="the provider restarted")  # fmt: skip
+        # Messages leased by the killed process come back after their 10 s deadline.
+        _wait(lambda: set(_saved_ids(results)) == set(ids), "every message saved", 90)
+        daemon.wait_for(lambda s: stats().get("in_flight") == 0, what="every outcome")
+    finally:
+        daemon.close()
+    # Everything was acknowledged: nothing comes back once the ack deadline has passed.
+    time.sleep(11)
+    assert topic.pull(1, timeout=5) == []
