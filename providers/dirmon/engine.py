@@ -88,6 +88,7 @@ class Engine:
         )
         self.skipped: Dict[str, int] = {}
         self.blocked = 0  # 1 while a claimed file waits for room in the daemon's queue
+        self.queue_full = False  # the last claim had to wait for room
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -111,11 +112,16 @@ class Engine:
         self._thread = threading.Thread(target=self._act, name="dir-actions", daemon=True)
         self._thread.start()
 
-    def wait_idle(self, stopping: Optional[threading.Event] = None) -> None:
-        """Block until every claim has its outcome and its action has run."""
-        with self._idle:
-            while self.in_flight:
+    def wait_idle(self, tick: Optional[Callable[[], None]] = None) -> None:
+        """Block until every claim has its outcome and its action has run; ``tick`` is
+        called every fifth of a second meanwhile (to keep reporting)."""
+        while True:
+            with self._idle:
+                if not self.in_flight:
+                    return
                 self._idle.wait(0.2)
+            if tick is not None:
+                tick()
 
     def close(self, remove_ledger: bool = False) -> None:
         """Stop the action thread (after what it has queued) and close the ledger."""
@@ -181,25 +187,29 @@ class Engine:
             self.in_flight[claim.rel] = claim
         self.ledger.claim(claim.rel, claim.identity)
         done = lambda outcome, claim=claim: self._actions.put((claim, outcome))  # noqa: E731
-        while True:
-            if self.queue.stopping.is_set():
-                self.blocked = 0
-                self._unclaim(claim)
-                return STOPPED
-            try:
-                self.queue.put_file(path, meta, done=done, timeout=0.5)
-            except stdlib_queue.Full:
-                self.blocked = 1
-                if waiting is not None:
-                    waiting()
-                continue
-            except BaseException:
-                self.blocked = 0
-                self._unclaim(claim)
-                raise
+        started = time.monotonic()
+        try:
+            while True:
+                if self.queue.stopping.is_set():
+                    self._unclaim(claim)
+                    return STOPPED
+                try:
+                    self.queue.put_file(path, meta, done=done, timeout=0.5)
+                except stdlib_queue.Full:
+                    self.blocked = 1
+                    self.queue_full = True
+                    if waiting is not None:
+                        waiting()
+                    continue
+                except BaseException:
+                    self._unclaim(claim)
+                    raise
+                # A put that had to wait for room means the daemon's queue is full.
+                self.queue_full = time.monotonic() - started > 0.005
+                self.counters["claimed"] += 1
+                return CLAIMED
+        finally:
             self.blocked = 0
-            self.counters["claimed"] += 1
-            return CLAIMED
 
     def _unclaim(self, claim: Claim) -> None:
         self.ledger.release(claim.rel)
@@ -317,7 +327,7 @@ class Engine:
         oldest = min((c.since for c in list(self.in_flight.values())), default=None)
         stats: Dict[str, Any] = dict(self.counters)
         stats["in_flight"] = len(self.in_flight) - self.blocked
-        stats["waiting_for_queue"] = self.blocked
+        stats["queue_full"] = self.queue_full
         stats["oldest_in_flight_age"] = (
             round(time.monotonic() - oldest, 3) if oldest is not None else 0
         )

@@ -90,7 +90,7 @@ class Monitor:
             self._report(force=True)
             # Outcomes of what is in flight still come (saved, or not_done when the
             # daemon stops first): their actions must run before we return.
-            self.engine.wait_idle()
+            self.engine.wait_idle(tick=self._report)
             self.engine.close()
             self._report(force=True)
 
@@ -117,6 +117,8 @@ class Monitor:
         self._drain(timeout=0.1 if idle else 0.0)
         self._periodic(now)
         self._feed_walk()
+        # A batch of claims, but never so long that reports and checks wait: under
+        # backpressure each put may wait a while for room without ever timing out.
         for _ in range(256):
             if not self.pending or self.queue.stopping.is_set():
                 break
@@ -124,6 +126,8 @@ class Monitor:
             self._offer(path, entry)
             if not self.events.empty():
                 self._drain(0.0)
+            if time.monotonic() - now >= WRITING_CHECK:
+                break
 
     def _offer(self, path: str, entry: _Entry) -> None:
         result = self.engine.offer(path, entry.closed, entry.sidecar, waiting=self._blocked)

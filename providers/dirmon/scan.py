@@ -42,7 +42,7 @@ class Scan:
         try:
             complete = self._walk()
         finally:
-            self.engine.wait_idle()
+            self.engine.wait_idle(tick=lambda: self._report(walking=False))
             # A complete run forgets its ledger: the next run is a fresh scan.
             complete = complete and self.engine.counters["not_done"] == 0
             self.engine.close(remove_ledger=complete)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import queue as stdlib_queue
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -186,3 +187,81 @@ def dir_run() -> Iterator[Callable[..., DirRunner]]:
 def dir_queue() -> Callable[..., DirQueue]:
     """``dir_queue(outcome="saved", capacity=None)``: a fresh ``DirQueue``."""
     return DirQueue
+
+
+# A worker that takes its time, so that a test can act while files are being scanned.
+DIR_SLOW_WORKER = """
+import time
+from stoq import WorkerResponse
+from stoq.plugins import WorkerPlugin
+
+
+class SlowPlugin(WorkerPlugin):
+    def scan(self, payload, request_meta):
+        time.sleep(float(self.config.get("options", "delay", fallback="0.3")))
+        return WorkerResponse({"size": len(payload.content)})
+"""
+
+
+@pytest.fixture
+def dir_workdir() -> Iterator[Path]:
+    """A short directory under /tmp (control socket paths are limited to 107 bytes),
+    holding ``src``, ``done``, ``failed`` and a plugin directory with the ``slow`` worker."""
+    from stoqd.testing import temp_dir
+
+    directory = temp_dir("stoqd-dir-")
+    for name in ("src", "done", "failed"):
+        (directory / name).mkdir()
+    plugin = directory / "plugins" / "slow"
+    plugin.mkdir(parents=True)
+    (plugin / "slow.py").write_text(DIR_SLOW_WORKER)
+    (plugin / "slow.stoq").write_text(
+        "[Core]\nName = slow\nModule = slow\n\n[Documentation]\nDescription = sleeps\n\n"
+        "[options]\ndelay = 0.3\n"
+    )
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def dir_daemon(dir_workdir: Path) -> Iterator[Callable[..., Any]]:
+    """``dir_daemon(provider_section_name, {options}, core={...}, stoqd={...})``: write
+    ``stoq.cfg`` in ``dir_workdir`` (results to ``results.jsonl``) and start ``stoqd``;
+    every daemon started is closed at teardown."""
+    from stoqd.testing import Daemon, write_config
+
+    daemons: List[Any] = []
+
+    def start(provider: str, options: Dict[str, Any], **sections: Dict[str, Any]) -> Any:
+        config = {
+            "core": {
+                "providers": provider,
+                "connectors": "jsonl",
+                "always_dispatch": "hash",
+                "plugin_dir_list": str(dir_workdir / "plugins"),
+                **sections.get("core", {}),
+            },
+            "stoqd": {"workers": 2, "graceful_timeout": 10, **sections.get("stoqd", {})},
+            provider: {"source_dir": str(dir_workdir / "src"), **options},
+            "jsonl": {"output_file": str(dir_workdir / "results.jsonl")},
+        }
+        daemon = Daemon(write_config(dir_workdir, config))
+        daemons.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        daemon.close()
+
+
+def dir_results(workdir: Path) -> Dict[str, List[Dict[str, Any]]]:
+    """The saved results in ``workdir/results.jsonl``, by the file path they came from."""
+    by_path: Dict[str, List[Dict[str, Any]]] = {}
+    results = workdir / "results.jsonl"
+    if not results.exists():
+        return by_path
+    for line in results.read_text().splitlines():
+        response = json.loads(line)
+        payload = response["results"][0]
+        by_path.setdefault(payload["payload_meta"]["extra_data"]["path"], []).append(payload)
+    return by_path

@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from stoqd.framework.exceptions import StoqPluginException
 
-from .conftest import DirQueue
+from .conftest import DirQueue, dir_results
 
 
 def deep_tree(root: Path, depth: int = 60, per_level: int = 3) -> list:
@@ -151,3 +153,46 @@ def test_bad_option_is_named(dir_tree, dir_plugin):
         "plugin dirscan: option max_size='lots' is not a valid size: "
         "expected a size such as 1048576 or 100M"
     )
+
+
+# -- through the real daemon -------------------------------------------------------------
+
+
+def test_stoq_run_dirscan_ends_when_everything_is_saved(dir_workdir):
+    src = dir_workdir / "src"
+    files = deep_tree(src, depth=30, per_level=5)
+    results = dir_workdir / "results.jsonl"
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "stoq"),
+            "run", "-P", "dirscan", "-a", "hash", "-C", "jsonl",
+            "--plugin-opts", f"dirscan:source_dir={src}", f"jsonl:output_file={results}",
+        ],
+        capture_output=True, text=True, timeout=120, cwd=dir_workdir,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    by_path = dir_results(dir_workdir)
+    assert sorted(by_path) == sorted(str(p) for p in files)
+    for path in files:
+        (result,) = by_path[str(path)]
+        assert (
+            result["workers"][0]["hash"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        )
+
+
+def test_daemon_with_dirscan_is_exhausted_and_exits_0(dir_workdir, dir_daemon):
+    src, done = dir_workdir / "src", dir_workdir / "done"
+    for index in range(30):
+        (src / f"f{index}").write_bytes(b"%d" % index)
+    daemon = dir_daemon(
+        "dirscan", {"action": "move", "done_dir": done}, core={"always_dispatch": "hash, slow"}
+    )
+    status = daemon.wait_for(
+        lambda s: s["providers"][0]["stats"].get("saved", 0) >= 1, what="a first result"
+    )
+    assert status["providers"][0]["state"] == "RUNNING"
+    assert daemon.wait_exit(60) == 0
+    assert len(os.listdir(done)) == 30
+    assert len(dir_results(dir_workdir)) == 30
+    events = [e for e in daemon.events() if e.get("provider") == "dirscan"]
+    assert any(e.get("reason") == "exhausted" for e in events)
