@@ -4,6 +4,7 @@ lifecycle events in the log, the daemon's exit code, and results still being sav
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
@@ -165,3 +166,43 @@ def _the_other_provider_and_the_workers_carry_on(run: Run, status: Dict[str, Any
     assert len(run.outcomes()) == 30
     assert len([e for e in daemon.events() if e["event"] == "spawned" and "worker" in e]) == 2
     assert not os.path.exists(daemon.socket)
+
+
+def test_a_provider_killed_by_sigkill_is_restarted(make_run: Callable[..., Run]) -> None:
+    run = make_run({
+        "core": {"providers": "source"},
+        "source": {"count": 5, "resume": "true", "hold_file": "{dir}/release",
+                   "outcomes": "{dir}/outcomes"},
+    })  # fmt: skip
+    daemon = run.start()
+    status = daemon.wait_for(lambda s: _provider(s, "source")["saved"] == 5, what="5 saved")
+    wait_until(lambda: len(run.outcomes()) == 5, what="5 outcomes")
+    first_pid = _provider(status, "source")["pid"]
+    os.kill(first_pid, signal.SIGKILL)
+    status = daemon.wait_for(
+        lambda s: (
+            _provider(s, "source")["state"] == "RUNNING" and _provider(s, "source")["restarts"] == 1
+        ),
+        what="RUNNING after a restart",
+    )
+    assert _provider(status, "source")["pid"] not in (None, first_pid)
+    backoff = _events(run, "backoff", provider="source")
+    assert [(e["exit"], e["error"]) for e in backoff] == [
+        ("killed by SIGKILL", "killed by SIGKILL")
+    ]
+    Path(run.path("release")).touch()
+    assert daemon.wait_exit() == 0, daemon.log()
+    # The restarted run found every id acknowledged and put nothing again.
+    assert run.saved_ids() == {f"item-{i}": 1 for i in range(1, 6)}
+
+
+def test_a_provider_backing_off_at_shutdown_is_stopped(make_run: Callable[..., Run]) -> None:
+    run = make_run({
+        "core": {"providers": "crash_loop, hang"},
+        "stoqd": {"backoff_initial": 30, "backoff_max": 30},
+    })  # fmt: skip
+    daemon = run.start()
+    daemon.wait_for(lambda s: _provider(s, "crash_loop")["state"] == "BACKOFF", what="BACKOFF")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit() == 0, daemon.log()
+    assert len(_events(run, "spawned", provider="crash_loop")) == 1  # not restarted to stop it

@@ -224,3 +224,39 @@ def test_a_raising_worker_is_an_error_in_a_saved_result(make_run: Callable[..., 
     }
     assert errors["item-1"] == errors["item-3"] == {}
     assert errors["item-2"] == {"raiser": ["ValueError: raiser: cannot parse 12 bytes"]}
+
+
+def test_put_file_paths_a_worker_cannot_read_are_failed(make_run: Callable[..., Run]) -> None:
+    run = make_run({})
+    missing, directory, fifo = run.dir / "missing.bin", run.dir / "a-dir", run.dir / "a-fifo"
+    directory.mkdir()
+    os.mkfifo(fifo)
+    run.configure({
+        "core": {"providers": "files"},
+        "files": {"source_dir": "{dir}/incoming", "outcomes": "{dir}/outcomes",
+                  "extra_paths": f"{missing}, {directory}, {fifo}"},
+    })  # fmt: skip
+    (run.dir / "incoming").mkdir()
+    (run.dir / "incoming" / "good.bin").write_bytes(b"readable")
+    daemon = run.start()
+    assert daemon.wait_exit() == 0, daemon.log()
+    assert sorted(run.outcomes()) == sorted([
+        ("good.bin", "saved", "-"),
+        (str(missing), "failed", f"cannot read {missing}: No such file or directory"),
+        (str(directory), "failed", f"cannot read {directory}: not a regular file"),
+        (str(fifo), "failed", f"cannot read {fifo}: not a regular file"),
+    ])  # fmt: skip
+    assert sorted(run.failure_records()) == sorted([
+        [f"cannot read {missing}: No such file or directory"],
+        [f"cannot read {directory}: not a regular file"],
+        [f"cannot read {fifo}: not a regular file"],
+    ])  # fmt: skip
+    assert run.saved_ids() == {"good.bin": 1}
+
+
+def test_a_provider_that_puts_nothing_is_exhausted(make_run: Callable[..., Run]) -> None:
+    run = make_run({"core": {"providers": "source"}, "source": {"count": 0}})
+    daemon = run.start()
+    assert daemon.wait_exit() == 0, daemon.log()
+    assert run.results() == []
+    assert [e["put"] for e in daemon.events() if e["event"] == "exhausted"] == [0]

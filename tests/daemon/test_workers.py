@@ -3,8 +3,12 @@ workers, and recycling, each seen in results, outcomes, status and the log."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from typing import Any, Callable, Dict
+
+from stoqd.supervisor import PREFETCH
 
 from .helpers import Run, wait_until
 
@@ -99,3 +103,51 @@ def test_workers_are_recycled_after_max_payloads_and_nothing_is_lost(
     assert sorted(run.outcomes()) == sorted((f"item-{i}", "saved", "-") for i in range(1, 51))
     recycled = [e for e in daemon.events() if e["event"] == "recycling"]
     assert recycled and {e["reason"] for e in recycled} == {"payloads"}
+
+
+def test_a_worker_killed_while_idle_is_replaced(make_run: Callable[..., Run]) -> None:
+    run = make_run({
+        "core": {"providers": "source"},
+        "source": {"count": 2, "hold_file": "{dir}/release", "outcomes": "{dir}/outcomes"},
+    })  # fmt: skip
+    daemon = run.start()
+    status = daemon.wait_for(lambda s: _source(s)["saved"] == 2 and len(s["workers"]) == 2)
+    victim = status["workers"][0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    status = daemon.wait_for(
+        lambda s: len(s["workers"]) == 2 and victim not in {w["pid"] for w in s["workers"]}
+        and all(w["state"] == "idle" for w in s["workers"]),
+        what="a replacement worker",
+    )  # fmt: skip
+    assert status["counters"]["worker_deaths"] == 1
+    assert status["counters"]["quarantined"] == 0
+    Path(run.path("release")).touch()
+    assert daemon.wait_exit() == 0, daemon.log()
+    exited = [e for e in daemon.events() if e["event"] == "exited" and e.get("child_pid") == victim]
+    assert exited == [] or exited[0]["exit"] == "killed by SIGKILL"
+    assert run.saved_ids() == {"item-1": 1, "item-2": 1}
+
+
+def test_a_full_queue_blocks_the_provider(make_run: Callable[..., Run]) -> None:
+    run = make_run({
+        "core": {"providers": "source", "always_dispatch": "hash, sleepy", "max_queue": 4},
+        "sleepy": {"match": "", "seconds": 0.05},
+        "source": {"count": 60, "outcomes": "{dir}/outcomes"},
+    })  # fmt: skip
+    daemon = run.start()
+    daemon.wait_for(lambda s: _source(s)["put"] > 0, what="payloads put")
+    seen = 0
+    while daemon.process.poll() is None:
+        try:
+            status = daemon.status()
+        except RuntimeError:
+            break  # it exited between the two calls
+        source = _source(status)
+        unfinished = source["put"] - source["saved"] - source["failed"]
+        # Waiting in the queue: at most max_queue; beyond that only what workers hold.
+        assert status["queue"]["depth"] <= 4, status
+        assert unfinished <= 4 + 2 * PREFETCH, status
+        seen += 1
+    assert daemon.wait_exit() == 0, daemon.log()
+    assert seen >= 2  # it was watched while it worked
+    assert run.saved_ids() == {f"item-{i}": 1 for i in range(1, 61)}
