@@ -37,7 +37,7 @@ def test_status_shows_a_table_for_people_and_json_for_machines(
 ) -> None:
     run = make_run({
         "core": {"providers": "hang, source"},
-        "source": {"count": 3, "outcomes": "{dir}/outcomes"},
+        "source": {"count": 3, "report": "true", "outcomes": "{dir}/outcomes"},
     })  # fmt: skip
     daemon = run.start()
     daemon.wait_for(lambda s: _provider(s, "source")["state"] == "EXHAUSTED", what="EXHAUSTED")
@@ -52,7 +52,18 @@ def test_status_shows_a_table_for_people_and_json_for_machines(
     hang_pid = str(daemon.provider("hang")["pid"])
     assert rows["hang"][:3] == ["hang", "RUNNING", hang_pid]
     assert rows["hang"][4:8] == ["0", "0", "0", "0"]
-    assert rows["source"] == ["source", "EXHAUSTED", "-", "-", "0", "3", "3", "0"]
+    assert rows["source"] == [
+        "source",
+        "EXHAUSTED",
+        "-",
+        "-",
+        "0",
+        "3",
+        "3",
+        "0",
+        "put=3,",
+        "prefix=item",
+    ]
     assert lines[6].split() == ["WORKER", "PID", "STATE", "CURRENT", "AGE", "DONE"]
     workers = [line.split() for line in lines[7:9]]
     assert [w[2:5] for w in workers] == [["idle", "-", "-"], ["idle", "-", "-"]]
@@ -67,6 +78,7 @@ def test_status_shows_a_table_for_people_and_json_for_machines(
     assert status["daemon"]["config"] == str(run.config)
     source = _provider(status, "source")
     assert (source["put"], source["saved"], source["failed"], source["queued"]) == (3, 3, 0, 0)
+    assert source["stats"] == {"put": 3, "prefix": "item"}  # what it published with report()
     assert status["queue"] == {"depth": 0, "max": 100, "in_flight": 0}
 
 

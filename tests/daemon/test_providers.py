@@ -36,6 +36,7 @@ def test_a_crashed_provider_backs_off_then_runs_again(make_run: Callable[..., Ru
         lambda s: _provider(s, "crash_after")["state"] == "BACKOFF", what="BACKOFF"
     )
     crashed = _provider(backoff, "crash_after")
+    crashed_pid = _events(run, "spawned", provider="crash_after")[0]["child_pid"]
     assert crashed["last_error"] == "RuntimeError: crash_after: source lost after 3 items"
     assert crashed["restarts"] == 0
     assert crashed["pid"] is None
@@ -62,6 +63,11 @@ def test_a_crashed_provider_backs_off_then_runs_again(make_run: Callable[..., Ru
     assert [e["error"] for e in backoffs] == [crashed["last_error"]]
     assert backoffs[0]["exit"] == "exit 1"
     assert len(_events(run, "spawned", provider="crash_after")) == 2
+    # The provider's own log line says which process it came from.
+    failed = [e for e in daemon.events() if e["event"] == "ingest_failed"]
+    assert [(e["proc"], e["pid"], e["error"]) for e in failed] == [
+        ("provider:crash_after", crashed_pid, crashed["last_error"])
+    ]
     assert len(_events(run, "exhausted", provider="crash_after")) == 1
 
 
