@@ -131,6 +131,9 @@ def test_hardening_exposure_is_ok() -> None:
     assert done.returncode == 0, done.stdout
     assert score <= MAX_EXPOSURE
     assert verdict in ("OK", "SAFE")
+    quoted = f'{score} "{verdict}"'  # the README and docs/operating.md quote the score
+    assert quoted in (SYSTEMD / "README.md").read_text()
+    assert quoted in (DEPLOY.parent / "docs" / "operating.md").read_text()
 
 
 def test_example_dropin_verifies_and_stays_ok(root: Path) -> None:
