@@ -464,12 +464,19 @@ class Memory:
 
 
 IDLE_PROVIDERS = [f"idle{i}" for i in range(1, 6)]
+DIRMON_PROVIDERS = [f"dirmon{i}" for i in range(1, 6)]  # stoqd's dirmon under 5 names
 
 
-def run_memory(settle: float) -> Memory:
+def run_memory(providers: List[str], settle: float) -> Memory:
     directory = new_dir("stoqd-bench-mem-")
+    extra: Dict[str, Dict[str, Any]] = {}
+    for name in providers:
+        if name.startswith("dirmon"):  # each watches its own empty directory
+            (directory / name).mkdir()
+            extra[name] = {"source_dir": directory / name}
     # The workers load what etc/stoq.cfg's default loads: hash and mimetype into jsonl.
-    daemon = Daemon(daemon_config(directory, IDLE_PROVIDERS, 2, ["hash", "mimetype"]))
+    config = daemon_config(directory, providers, 2, ["hash", "mimetype"], extra)
+    daemon = Daemon(config)
     try:
         wait_status(
             daemon,
@@ -558,6 +565,25 @@ def throughput_table(
     return table(rows)
 
 
+def print_memory(kind: str, memories: List[Memory]) -> None:
+    memory = sorted(memories, key=lambda m: m.total.pss)[len(memories) // 2]
+    verdict = "met" if memory.total.rss <= MEMORY_TARGET_MIB else "MISSED"
+    print(
+        f"3. Idle memory, 5 {kind} providers + 2 workers (hash, mimetype), "
+        f"{memory.total.processes} processes (median of {len(memories)} by PSS; "
+        f"target <= {MEMORY_TARGET_MIB:.0f} MiB RSS: {verdict})"
+    )
+    rows = [["process", "count", "RSS MiB", "PSS MiB", "USS MiB"]]
+    for role in ("supervisor", "forkserver", "resource tracker", "provider", "worker", "other"):
+        if role in memory.by_role:
+            u = memory.by_role[role]
+            rows.append([role, str(u.processes), f"{u.rss:.1f}", f"{u.pss:.1f}", f"{u.uss:.1f}"])
+    u = memory.total
+    rows.append(["total", str(u.processes), f"{u.rss:.1f}", f"{u.pss:.1f}", f"{u.uss:.1f}"])
+    print(table(rows))
+    print()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -636,23 +662,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(table(rows))
     print()
 
-    memories = [run_memory(settle=2.0) for _ in range(args.runs)]
-    memory = sorted(memories, key=lambda m: m.total.pss)[len(memories) // 2]
-    verdict = "met" if memory.total.rss <= MEMORY_TARGET_MIB else "MISSED"
-    print(
-        f"3. Idle memory, 5 idle providers + 2 workers (hash, mimetype), "
-        f"{memory.total.processes} processes (median of {len(memories)} by PSS; "
-        f"target <= {MEMORY_TARGET_MIB:.0f} MiB RSS: {verdict})"
-    )
-    rows = [["process", "count", "RSS MiB", "PSS MiB", "USS MiB"]]
-    for role in ("supervisor", "forkserver", "resource tracker", "provider", "worker", "other"):
-        if role in memory.by_role:
-            u = memory.by_role[role]
-            rows.append([role, str(u.processes), f"{u.rss:.1f}", f"{u.pss:.1f}", f"{u.uss:.1f}"])
-    u = memory.total
-    rows.append(["total", str(u.processes), f"{u.rss:.1f}", f"{u.pss:.1f}", f"{u.uss:.1f}"])
-    print(table(rows))
-    print()
+    memories: Dict[str, List[Memory]] = {}
+    for kind, providers in (("idle", IDLE_PROVIDERS), ("dirmon", DIRMON_PROVIDERS)):
+        memories[kind] = [run_memory(providers, settle=2.0) for _ in range(args.runs)]
+        print_memory(kind, memories[kind])
     print(f"bench_daemon.py took {time.monotonic() - began:.0f} s")
 
     if args.json:
@@ -666,7 +679,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         for (c, s, w), runs in throughput.items()
                     },
                     "restart": [asdict(r) for r in restarts],
-                    "memory": [asdict(m) for m in memories],
+                    "memory": {k: [asdict(m) for m in v] for k, v in memories.items()},
                 },
                 indent=2,
             )
