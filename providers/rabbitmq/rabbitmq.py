@@ -343,6 +343,9 @@ class _Consumer:
         self.in_flight: collections.Counter[str] = collections.Counter()  # message ids put
         self.parked: Dict[str, List[Delivery]] = {}  # redeliveries of ids still in flight
         self.saved_unacked: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # Delivery tags of the current channel not yet acked or nacked, in arrival order;
+        # True once saved. A saved run at the front is acked with one multiple-ack.
+        self.unsettled: collections.OrderedDict[int, bool] = collections.OrderedDict()
         self._anonymous_in_flight = 0  # messages without a message id, put, not finished
         self.stats: Dict[str, Any] = {
             "connection": "connecting", "queue": plugin.queue_name,
@@ -386,6 +389,7 @@ class _Consumer:
         channel = connection.channel()
         channel.confirm_delivery()  # retries re-published before the original is acked
         self.generation += 1
+        self.unsettled.clear()
         self.connection, self.channel = connection, channel
         self._declare(channel)
         channel.basic_qos(prefetch_count=plugin.prefetch)
@@ -438,6 +442,7 @@ class _Consumer:
         # so are redeliveries parked behind an earlier copy still being scanned.
         self.pending.clear()
         self.parked.clear()
+        self.unsettled.clear()
         wait = backoff.delay(failures, 0.5, self.plugin.reconnect_max)
         reason = _describe(exc)
         self.stats["connection"] = f"down: {reason}; retry in {wait:.1f}s"
@@ -475,6 +480,7 @@ class _Consumer:
     def _on_message(self, channel: BlockingChannel, method: Basic.Deliver,
                     properties: BasicProperties, body: bytes) -> None:  # fmt: skip
         self.stats["received"] += 1
+        self.unsettled[method.delivery_tag] = False
         self.pending.append(
             Delivery(self.generation, method.delivery_tag, method.exchange or "",
                      method.routing_key or "", bool(method.redelivered), properties, body)
@@ -536,9 +542,10 @@ class _Consumer:
 
     def _done(self, delivery: Delivery, outcome: Any) -> None:
         """stoqd's completion thread: queue the outcome and wake the pika thread."""
+        wake = not self.outcomes  # one wake-up per batch, not one socket write per item
         self.outcomes.append((delivery, outcome))
         connection = self.connection
-        if connection is not None:
+        if wake and connection is not None:
             try:
                 connection.add_callback_threadsafe(_nothing)
             except Exception:  # closed meanwhile: the loop drains outcomes anyway
@@ -548,7 +555,23 @@ class _Consumer:
         while self.outcomes:
             delivery, outcome = self.outcomes.popleft()
             self._finish(delivery, outcome)
+        if self.channel is not None:
+            self._flush_acks()
         self.stats["in_flight"] = self._unfinished()
+
+    def _flush_acks(self) -> None:
+        assert self.channel is not None
+        last, count = None, 0
+        while self.unsettled and next(iter(self.unsettled.values())):
+            last, _ = self.unsettled.popitem(last=False)
+            count += 1
+        if last is not None:
+            self.channel.basic_ack(last, multiple=True)
+            self.stats["acked"] += count
+        for tag in [tag for tag, saved in self.unsettled.items() if saved]:
+            del self.unsettled[tag]
+            self.channel.basic_ack(tag)
+            self.stats["acked"] += 1
 
     def _finish(self, delivery: Delivery, outcome: Any) -> None:
         message_id = delivery.message_id
@@ -563,7 +586,7 @@ class _Consumer:
             if outcome.saved and message_id is not None:
                 self._remember_saved(message_id)
         elif outcome.status == "saved":
-            self._ack(delivery)
+            self.unsettled[delivery.tag] = True  # acked by _flush_acks
         elif outcome.status == "failed":
             self._retry_or_dead_letter(delivery, outcome.error or "scan failed")
         else:  # not_done: stoqd stopped before scanning it
@@ -589,11 +612,13 @@ class _Consumer:
 
     def _ack(self, delivery: Delivery, counter: str = "acked") -> None:
         assert self.channel is not None
+        self.unsettled.pop(delivery.tag, None)
         self.channel.basic_ack(delivery.tag)
         self.stats[counter] += 1
 
     def _nack(self, delivery: Delivery, requeue: bool) -> None:
         assert self.channel is not None
+        self.unsettled.pop(delivery.tag, None)
         self.channel.basic_nack(delivery.tag, requeue=requeue)
         self.stats["nacked"] += 1
 
@@ -618,6 +643,7 @@ class _Consumer:
     def _dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Reject without requeue: RabbitMQ moves it to the queue's dead-letter exchange."""
         assert self.channel is not None
+        self.unsettled.pop(delivery.tag, None)
         self.channel.basic_nack(delivery.tag, requeue=False)
         self.stats["dead_lettered"] += 1
         self.stats["last_error"] = reason
