@@ -235,3 +235,18 @@ def test_a_refused_second_daemon_leaves_no_spool_directory(make_run: Callable[..
     for path in leaked:  # do not leave it behind for the next run either
         shutil.rmtree(path, ignore_errors=True)
     assert leaked == []
+
+
+@pytest.mark.xfail(
+    reason="daemon gap: stoqctl stop sends SIGTERM only and never escalates to SIGKILL, so "
+    "a provider that ignores SIGTERM stays STOPPING forever (supervisord: stopwaitsecs)",
+    strict=True,
+)
+def test_stop_kills_a_provider_that_ignores_sigterm(make_run: Callable[..., Run]) -> None:
+    run = make_run({"core": {"providers": "stubborn"}, "stoqd": {"graceful_timeout": 1}})
+    daemon = run.start()
+    daemon.wait_for(lambda s: _provider(s, "stubborn")["state"] == "RUNNING", what="RUNNING")
+    assert stoqctl("-s", str(daemon.socket), "stop", "stubborn").returncode == 0
+    daemon.wait_for(
+        lambda s: _provider(s, "stubborn")["state"] == "STOPPED", timeout=5, what="STOPPED"
+    )

@@ -213,3 +213,16 @@ def test_sighup_restarts_a_provider_whose_options_changed(make_run: Callable[...
     (run.dir / "release").touch()
     assert daemon.wait_exit() == 0, daemon.log()
     assert run.saved_ids() == {"old-1": 1, "old-2": 1, "new-1": 1, "new-2": 1}
+
+
+def test_a_provider_ignoring_sigterm_is_killed_after_graceful_timeout(
+    make_run: Callable[..., Run],
+) -> None:
+    run = make_run({"core": {"providers": "stubborn"}, "stoqd": {"graceful_timeout": 1}})
+    daemon = run.start()
+    daemon.wait_for(lambda s: _provider(s, "stubborn")["state"] == "RUNNING", what="RUNNING")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit(timeout=20) == 0, daemon.log()
+    stopped = [e for e in daemon.events() if e.get("provider") == "stubborn" and
+               e["event"] in ("stopped", "exited")]  # fmt: skip
+    assert [e["exit"] for e in stopped] in ([], ["killed by SIGKILL"])
