@@ -3,10 +3,11 @@
 ``Engine.offer`` examines a path and, when it is ready, records the claim in the
 ledger and hands the file to stoqd by reference (``queue.put_file``), blocking while
 the daemon's queue is full: files then simply wait on disk. Outcomes come back on a
-stoqd thread and are handed to one action thread, which keeps, deletes or moves the
-file (saved) or moves it to ``failed_dir`` or keeps it (failed; never deleted), then
-writes the ledger. A file claimed ``max_claims`` times without an outcome (stoqd was
-killed each time it was in flight) is moved to ``failed_dir`` (or kept) with that reason.
+stoqd thread, which (or an action thread, for moves to another filesystem) keeps,
+deletes or moves the file (saved) or moves it to ``failed_dir`` or keeps it (failed;
+never deleted), then writes the ledger. A file claimed ``max_claims`` times without an
+outcome (stoqd was killed each time it was in flight) is moved to ``failed_dir`` (or
+kept) with that reason.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ from .files import (
     VANISHED,
     WRITING,
     Identity,
+    RootCheck,
     Selector,
     Settings,
     examine,
-    inside_root,
+    ignore_sigio,
 )
 from .ledger import Ledger
 
@@ -73,7 +75,10 @@ class Engine:
         self.root = settings.source_dir
         self.queue = queue
         self.log = log
-        self.ledger = Ledger(os.path.join(settings.state_dir, f"{settings.name}.ledger"), remember)
+        self._inside = RootCheck(self.root)
+        self.ledger = Ledger(
+            os.path.join(settings.state_dir, f"{settings.name}.ledger"), remember, self.root
+        )
         self.in_flight: Dict[str, Claim] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -82,6 +87,13 @@ class Engine:
         )
         self._thread: Optional[threading.Thread] = None
         self._on_settled = on_settled
+        # Actions run on stoqd's completion thread (renames and unlinks are quick); a
+        # move to another filesystem copies, so it gets a thread of its own.
+        source_dev = os.stat(self.root).st_dev
+        self._threaded = any(
+            d is not None and os.stat(d).st_dev != source_dev
+            for d in (settings.done_dir, settings.failed_dir)
+        )
         self._logged: Dict[str, str] = {}
         self.counters: Dict[str, int] = dict.fromkeys(
             ("claimed", "saved", "failed", "not_done", "rejected", "skipped", "reclaimed"), 0
@@ -93,7 +105,7 @@ class Engine:
     # -- lifecycle ----------------------------------------------------------------------
 
     def open(self) -> None:
-        """Replay the ledger and start the action thread."""
+        """Replay the ledger and start the action thread if moves need one."""
         self.ledger.open()
         if self.ledger.torn:
             self.log.warning(
@@ -109,8 +121,10 @@ class Engine:
                 self.settings.name,
                 len(pending),
             )
-        self._thread = threading.Thread(target=self._act, name="dir-actions", daemon=True)
-        self._thread.start()
+        ignore_sigio()
+        if self._threaded:
+            self._thread = threading.Thread(target=self._act, name="dir-actions", daemon=True)
+            self._thread.start()
 
     def wait_idle(self, tick: Optional[Callable[[], None]] = None) -> None:
         """Block until every claim has its outcome and its action has run; ``tick`` is
@@ -124,7 +138,7 @@ class Engine:
                 tick()
 
     def close(self, remove_ledger: bool = False) -> None:
-        """Stop the action thread (after what it has queued) and close the ledger."""
+        """Stop the action thread, if any (after what it has queued); close the ledger."""
         if self._thread is not None:
             self._actions.put(None)
             self._thread.join()
@@ -139,25 +153,28 @@ class Engine:
         closed: bool = False,
         sidecar: Optional[str] = None,
         waiting: Optional[Callable[[], None]] = None,
+        regular: bool = False,
     ) -> str:
         """Examine ``path`` and hand it to stoqd if it is ready.
 
         Returns CLAIMED, BUSY, STOPPED or the examine verdict (WRITING, VANISHED, ...).
-        ``waiting`` is called every half second while the daemon's queue is full.
+        ``waiting`` is called every half second while the daemon's queue is full;
+        ``regular``: a directory listing said it is a regular file.
         """
         rel = self.selector.relative(path)
         if rel is None or not self.selector.wanted(rel):
             return SKIP
         if rel in self.in_flight:
             return BUSY
-        verdict = examine(path, self.root, self.settings, self.ledger.finished(rel), closed)
+        finished = self.ledger.finished(rel)
+        verdict = examine(path, self.root, self.settings, finished, closed, regular)
         if verdict.kind == SKIP:
             self._skip(rel, verdict.reason)
             return SKIP
         if verdict.kind in (WRITING, VANISHED, UNCHANGED):
             return verdict.kind
         assert verdict.identity is not None
-        if not inside_root(path, self.root):
+        if not self._inside(path):
             self._skip(rel, "path leads through a symbolic link")
             return SKIP
         claim = Claim(rel, verdict.identity)
@@ -186,7 +203,7 @@ class Engine:
         with self._lock:
             self.in_flight[claim.rel] = claim
         self.ledger.claim(claim.rel, claim.identity)
-        done = lambda outcome, claim=claim: self._actions.put((claim, outcome))  # noqa: E731
+        done = lambda outcome, claim=claim: self._done(claim, outcome)  # noqa: E731
         started = time.monotonic()
         try:
             while True:
@@ -245,8 +262,9 @@ class Engine:
             if len(self._logged) > 10_000:
                 self._logged.clear()
             self._logged[rel] = reason
-            # An empty file is ordinary (a writer about to write); the rest deserve a look.
-            level = logging.INFO if reason.startswith("empty") else logging.WARNING
+            # An empty file is ordinary (a writer about to write, a marker file); the
+            # rest deserve a look.
+            level = logging.DEBUG if reason.startswith("empty") else logging.WARNING
             self.log.log(level, "%s: skipped %s: %s", self.settings.name, rel, reason)
 
     def _reject(self, claim: Claim, reason: str) -> None:
@@ -256,22 +274,30 @@ class Engine:
 
     # -- after the scan -----------------------------------------------------------------
 
+    def _done(self, claim: Claim, outcome: Any) -> None:
+        if self._threaded:
+            self._actions.put((claim, outcome))
+        else:
+            self._settle(claim, outcome)
+
     def _act(self) -> None:
         while True:
             job = self._actions.get()
             if job is None:
                 return
-            claim, outcome = job
-            try:
-                self._finish(claim, outcome)
-            except Exception:  # a full disk or odd permissions must not end the provider
-                self.log.exception("%s: action for %s failed", self.settings.name, claim.rel)
-            finally:
-                with self._idle:
-                    self.in_flight.pop(claim.rel, None)
-                    self._idle.notify_all()
-            if self._on_settled is not None:
-                self._on_settled(claim.rel)
+            self._settle(*job)
+
+    def _settle(self, claim: Claim, outcome: Any) -> None:
+        try:
+            self._finish(claim, outcome)
+        except Exception:  # a full disk or odd permissions must not end the provider
+            self.log.exception("%s: action for %s failed", self.settings.name, claim.rel)
+        finally:
+            with self._idle:
+                self.in_flight.pop(claim.rel, None)
+                self._idle.notify_all()
+        if self._on_settled is not None:
+            self._on_settled(claim.rel)
 
     def _finish(self, claim: Claim, outcome: Any) -> None:
         status = outcome.status
@@ -298,7 +324,7 @@ class Engine:
                 assert self.settings.done_dir is not None
                 gone = _move(source, self.settings.done_dir, rel, self.log) is not None
             else:
-                gone = not os.path.lexists(source)
+                gone = False  # kept; one that vanished since is pruned at the next start
             self.ledger.finish(rel, None if gone else identity, "saved")
 
     def _fail(self, claim: Claim, reason: str) -> None:

@@ -18,9 +18,10 @@ import os
 import re
 import signal
 import stat
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from stoqd.builtin._options import positive_int
 from stoqd.builtin._options import size as size_option
@@ -164,9 +165,9 @@ class Selector:
 
     def __init__(self, settings: Settings) -> None:
         self.root = settings.source_dir
-        self._include = settings.include
-        self._exclude = settings.exclude
-        self._exclude_dirs = settings.exclude_dirs
+        self._include = _any_of(settings.include)
+        self._exclude = _any_of(settings.exclude)
+        self._exclude_dirs = _any_of(settings.exclude_dirs)
         own = (settings.done_dir, settings.failed_dir, settings.state_dir)
         self.own_dirs = {p for p in own if p and _inside(p, self.root)}
         self.sidecars = settings.sidecars
@@ -181,24 +182,27 @@ class Selector:
         """Whether the walk descends into directory ``path``."""
         if path in self.own_dirs:
             return False
-        name = os.path.basename(path)
-        return not any(fnmatch.fnmatchcase(name, p) for p in self._exclude_dirs)
+        return not self._exclude_dirs(os.path.basename(path))
 
     def wanted(self, rel: str) -> bool:
         """Whether the file at ``rel`` (relative to the root) passes every filter."""
         parts = rel.split(os.sep)
         name = parts[-1]
         for index in range(len(parts) - 1):
-            directory = parts[index]
-            if any(fnmatch.fnmatchcase(directory, p) for p in self._exclude_dirs):
+            if self._exclude_dirs(parts[index]):
                 return False
             if self.own_dirs and os.path.join(self.root, *parts[: index + 1]) in self.own_dirs:
                 return False
         if self.sidecars == "skip" and is_sidecar(name):
             return False
-        if not any(fnmatch.fnmatchcase(name, p) for p in self._include):
-            return False
-        return not any(fnmatch.fnmatchcase(name, p) for p in self._exclude)
+        return bool(self._include(name)) and not self._exclude(name)
+
+
+def _any_of(patterns: List[str]) -> Callable[[str], Any]:
+    """One compiled matcher for shell patterns (fnmatch's case-sensitive rules)."""
+    if not patterns:
+        return lambda name: None
+    return re.compile("|".join(fnmatch.translate(p) for p in patterns)).match
 
 
 def _inside(path: str, root: str) -> bool:
@@ -246,46 +250,54 @@ def examine(
     settings: Settings,
     finished: Optional[Identity] = None,
     closed: bool = False,
+    regular: bool = False,
 ) -> Verdict:
     """Decide whether the file at ``path`` can be claimed now.
 
     ``closed`` says an event already told us its writer closed it (or it was renamed
     into place): then a file whose lease cannot be checked is taken at once; otherwise
-    it must have been unchanged for ``settle`` seconds.
+    it must have been unchanged for ``settle`` seconds. ``regular`` says a directory
+    listing already reported a regular file (its d_type), which saves an ``lstat``.
     """
+    expected_ino = None
+    if not regular:
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return Verdict(VANISHED)
+        except OSError as exc:
+            return Verdict(SKIP, reason=f"cannot stat: {exc.strerror}")
+        kind = _not_regular(path, root, info.st_mode)
+        if kind is not None:
+            return Verdict(VANISHED) if kind == "directory" else Verdict(SKIP, reason=kind)
+        expected_ino = info.st_ino
+        early = _size_verdict((info.st_ino, info.st_size, info.st_mtime_ns), settings, finished)
+        if early is not None:
+            return early
     try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return Verdict(VANISHED)
-    except OSError as exc:
-        return Verdict(SKIP, reason=f"cannot stat: {exc.strerror}")
-    kind = _not_regular(path, root, info.st_mode)
-    if kind is not None:
-        return Verdict(VANISHED) if kind == "directory" else Verdict(SKIP, reason=kind)
-    identity = (info.st_ino, info.st_size, info.st_mtime_ns)
-    if finished == identity:
-        return Verdict(UNCHANGED, identity)
-    if info.st_size == 0 and settings.skip_empty:
-        return Verdict(SKIP, identity, "empty file (0 bytes)")
-    if settings.max_size and info.st_size > settings.max_size:
-        return Verdict(
-            REJECT, identity, f"{info.st_size} bytes is more than max_size {settings.max_size}"
-        )
-    try:
-        # O_NOFOLLOW: a symlink swapped in since lstat is refused; O_NONBLOCK: a FIFO
-        # swapped in cannot block us.
+        # O_NOFOLLOW: a symlink swapped in since we looked is refused; O_NONBLOCK: a
+        # FIFO swapped in cannot block us.
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return Verdict(VANISHED)
     except OSError as exc:
+        if regular:  # not what the listing said any more: look properly
+            return examine(path, root, settings, finished, closed)
         if exc.errno in (errno.EACCES, errno.EPERM):
-            return Verdict(REJECT, identity, f"cannot open: {exc.strerror}")
-        return Verdict(SKIP, identity, f"cannot open: {exc.strerror}")
+            return Verdict(REJECT, None, f"cannot open: {exc.strerror}")
+        return Verdict(SKIP, None, f"cannot open: {exc.strerror}")
     try:
         opened = os.fstat(fd)
-        if opened.st_ino != info.st_ino or not stat.S_ISREG(opened.st_mode):
+        if not stat.S_ISREG(opened.st_mode) or (
+            expected_ino is not None and opened.st_ino != expected_ino
+        ):
+            if regular:
+                return examine(path, root, settings, finished, closed)
             return Verdict(VANISHED)  # replaced while we looked: its own event follows
         identity = (opened.st_ino, opened.st_size, opened.st_mtime_ns)
+        verdict = _size_verdict(identity, settings, finished)
+        if verdict is not None:
+            return verdict
         writers = writers_open(fd)
     finally:
         os.close(fd)
@@ -295,6 +307,20 @@ def examine(
         if time.time_ns() - identity[2] < settings.settle * 1e9:
             return Verdict(WRITING, identity)
     return Verdict(READY, identity)
+
+
+def _size_verdict(
+    identity: Identity, settings: Settings, finished: Optional[Identity]
+) -> Optional[Verdict]:
+    """Unchanged since finished, empty, or too large: decided without reading."""
+    if finished == identity:
+        return Verdict(UNCHANGED, identity)
+    size = identity[1]
+    if size == 0 and settings.skip_empty:
+        return Verdict(SKIP, identity, "empty file (0 bytes)")
+    if settings.max_size and size > settings.max_size:
+        return Verdict(REJECT, identity, f"{size} bytes is more than max_size {settings.max_size}")
+    return None
 
 
 def _not_regular(path: str, root: str, mode: int) -> Optional[str]:
@@ -319,13 +345,26 @@ def _not_regular(path: str, root: str, mode: int) -> Optional[str]:
     return "not a regular file"
 
 
+_sigio_ignored = False
+
+
+def ignore_sigio() -> None:
+    """Ignore SIGIO process-wide (lease breaks), saving a syscall per file; only the
+    main thread may set signal dispositions, elsewhere each lease names SIGURG instead."""
+    global _sigio_ignored
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGIO, signal.SIG_IGN)
+        _sigio_ignored = True
+
+
 def writers_open(fd: int) -> Optional[bool]:
     """True when some process has the file open for writing, False when none has,
     None when this process may not take a lease on it (not its owner, no CAP_LEASE)."""
     try:
         # Should a writer open the file in the microseconds we hold the lease, the
-        # kernel signals us: SIGURG is ignored by default, SIGIO would kill us.
-        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+        # kernel signals us: SIGIO would kill us unless ignored, SIGURG is harmless.
+        if not _sigio_ignored:
+            fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
     except OSError as exc:
         if exc.errno in (errno.EAGAIN, errno.EBUSY):
@@ -335,10 +374,28 @@ def writers_open(fd: int) -> Optional[bool]:
     return False
 
 
-def inside_root(path: str, root: str) -> bool:
-    """Whether ``path`` resolves (symlinks followed) to itself, strictly inside ``root``:
-    no directory on the way was swapped for a symlink since we looked."""
-    return os.path.realpath(path) == path and path.startswith(root + os.sep)
+class RootCheck:
+    """Whether a path resolves (symlinks followed) to itself, strictly inside the root:
+    no directory on the way is a symlink. The file itself is opened with O_NOFOLLOW; its
+    directory's answer is kept for a second, as resolving costs a syscall per level."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._dirs: Dict[str, bool] = {}
+        self._since = time.monotonic()
+
+    def __call__(self, path: str) -> bool:
+        if not path.startswith(self.root + os.sep):
+            return False
+        now = time.monotonic()
+        if now - self._since > 1.0:
+            self._dirs.clear()
+            self._since = now
+        directory = os.path.dirname(path)
+        ok = self._dirs.get(directory)
+        if ok is None:
+            ok = self._dirs[directory] = os.path.realpath(directory) == directory
+        return ok
 
 
 # -- walking -----------------------------------------------------------------------------

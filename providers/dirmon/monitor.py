@@ -33,6 +33,7 @@ class _Entry:
     seen: float
     closed: bool
     sidecar: Optional[str] = None
+    regular: bool = False  # a directory listing said: regular file
 
 
 class Monitor:
@@ -113,6 +114,7 @@ class Monitor:
 
     def _step(self) -> None:
         now = time.monotonic()
+        self.engine.ledger.flush(due_only=True)
         idle = not self.pending and self.walker is None
         self._drain(timeout=0.1 if idle else 0.0)
         self._periodic(now)
@@ -130,7 +132,9 @@ class Monitor:
                 break
 
     def _offer(self, path: str, entry: _Entry) -> None:
-        result = self.engine.offer(path, entry.closed, entry.sidecar, waiting=self._blocked)
+        result = self.engine.offer(
+            path, entry.closed, entry.sidecar, waiting=self._blocked, regular=entry.regular
+        )
         if result == WRITING:
             self._watch(path, time.monotonic())
         elif result == BUSY:
@@ -190,7 +194,7 @@ class Monitor:
         # On the action thread: hand over to the loop, which owns the state.
         self.events.put(("settled", os.path.join(self.root, rel)))
 
-    def _ready(self, path: str, closed: bool, now: float) -> None:
+    def _ready(self, path: str, closed: bool, now: float, regular: bool = False) -> None:
         selector = self.engine.selector
         rel = selector.relative(path)
         if rel is None or not selector.wanted(rel):
@@ -207,7 +211,7 @@ class Monitor:
         if entry is not None:
             entry.closed = entry.closed or closed
             return
-        self._pend(path, _Entry(now, closed))
+        self._pend(path, _Entry(now, closed, regular=regular))
 
     def _pend(self, path: str, entry: _Entry) -> None:
         if len(self.pending) >= self.max_backlog:
@@ -274,7 +278,7 @@ class Monitor:
                 self._walk_ended()
                 return
             if entry is not DIR_END:
-                self._ready(entry.path, closed=False, now=now)
+                self._ready(entry.path, closed=False, now=now, regular=_is_regular(entry))
 
     def _walk_ended(self) -> None:
         self._last_walk_end = time.monotonic()
@@ -330,3 +334,11 @@ def _dir_id(path: str) -> Optional[tuple]:
     except OSError:
         return None
     return (info.st_dev, info.st_ino)
+
+
+def _is_regular(entry: Any) -> bool:
+    """The listing's own file type (d_type): no syscall unless the filesystem lacks it."""
+    try:
+        return bool(entry.is_file(follow_symlinks=False))
+    except OSError:
+        return False

@@ -60,12 +60,12 @@ class Scan:
                             return False
                 continue
             self.counts["files"] += 1
-            if self._take(entry.path) == STOPPED:
+            if self._take(entry.path, _is_regular(entry)) == STOPPED:
                 return False
             self._report()
         return True
 
-    def _take(self, path: str) -> str:
+    def _take(self, path: str, regular: bool) -> str:
         if self.pairer is not None:
             rel = self.engine.selector.relative(path)
             key = sidecar_key(rel) if rel is not None else None
@@ -74,10 +74,12 @@ class Scan:
                 if pair is None:
                     return "held"
                 return self._offer(os.path.join(self.settings.source_dir, pair[0]), pair[1])
-        return self._offer(path)
+        return self._offer(path, regular=regular)
 
-    def _offer(self, path: str, sidecar: Optional[str] = None) -> str:
-        result = self.engine.offer(path, closed=False, sidecar=sidecar, waiting=self._report)
+    def _offer(self, path: str, sidecar: Optional[str] = None, regular: bool = False) -> str:
+        result = self.engine.offer(
+            path, closed=False, sidecar=sidecar, waiting=self._report, regular=regular
+        )
         if result == WRITING:
             self.counts["writing"] += 1
             self.engine._skip(
@@ -103,3 +105,12 @@ class Scan:
             elapsed=round(now - self._started, 3),
         )
         self.queue.report(**stats)
+        self.engine.ledger.flush(due_only=True)
+
+
+def _is_regular(entry: Any) -> bool:
+    """The listing's own file type (d_type): no syscall unless the filesystem lacks it."""
+    try:
+        return bool(entry.is_file(follow_symlinks=False))
+    except OSError:
+        return False
