@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue as stdlib_queue
 import signal
 import threading
 import time
@@ -176,6 +177,47 @@ def test_malformed_message_is_dead_lettered_and_consuming_goes_on(
     assert [p.item.content for p in recorded.puts] == [b"good"]
     [(data, attributes)] = dead.pull(1)
     assert data == body and attributes["stoqd_error"].startswith(reason)
+
+
+def test_lease_is_extended_while_a_long_scan_runs(topic: Topic) -> None:
+    topic.publish(b"slow to scan")
+
+    def slow(put: Any) -> Outcome:  # longer than the subscription's 10 s ack deadline
+        time.sleep(13)
+        return Outcome("saved")
+
+    recorded = consume(build(subscription=topic.subscription), outcome=slow, timeout=16)
+    assert [p.item.content for p in recorded.puts] == [b"slow to scan"]  # not redelivered
+    assert recorded.stats["acked"] == 1
+
+
+class HoldingQueue(RecordingQueue):
+    """Records puts and never reports an outcome: every message stays outstanding."""
+
+    def _record(self, put: Any) -> None:
+        if self.stopping.is_set():
+            raise stdlib_queue.Full
+        self.puts.append(put)
+
+
+def test_flow_control_bounds_outstanding_messages(topic: Topic) -> None:
+    for number in range(10):
+        topic.publish(b"%d" % number)
+    holding = HoldingQueue()
+    plugin = build(subscription=topic.subscription, max_messages=3)
+    thread = threading.Thread(target=plugin.ingest, args=(holding,), daemon=True)
+    thread.start()
+    _wait(lambda: len(holding.puts) == 3, "three messages", 20)
+    time.sleep(1)  # room for a fourth, were flow control not enforced
+    assert len(holding.puts) == 3
+    for put in list(holding.puts):
+        put.done(Outcome("saved"))
+    _wait(lambda: len(holding.puts) == 6, "three more", 20)
+    holding.stopping.set()
+    for put in holding.puts[3:]:
+        put.done(Outcome("saved"))
+    thread.join(30)
+    assert not thread.is_alive()
 
 
 def test_missing_subscription_is_named(mq_pubsub: PubsubEmulator) -> None:
