@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from stoqd.framework.data import PayloadMeta
+from stoqd.framework.exceptions import StoqPluginException
 
 from .files import (
     REJECT,
@@ -106,7 +107,13 @@ class Engine:
 
     def open(self) -> None:
         """Replay the ledger and start the action thread if moves need one."""
-        self.ledger.open()
+        try:
+            self.ledger.open()
+        except OSError as exc:
+            raise StoqPluginException(
+                f"plugin {self.settings.name}: option state_dir: cannot write the ledger "
+                f"{self.ledger.path}: {exc.strerror}"
+            ) from None
         if self.ledger.torn:
             self.log.warning(
                 "%s: ledger %s: skipped %d unreadable lines",
@@ -173,11 +180,10 @@ class Engine:
             return SKIP
         if verdict.kind in (WRITING, VANISHED, UNCHANGED):
             return verdict.kind
-        assert verdict.identity is not None
         if not self._inside(path):
             self._skip(rel, "path leads through a symbolic link")
             return SKIP
-        claim = Claim(rel, verdict.identity)
+        claim = Claim(rel, verdict.identity or (0, 0, 0))
         if verdict.kind == REJECT:
             self._reject(claim, verdict.reason)
             return REJECT

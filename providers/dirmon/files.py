@@ -260,6 +260,7 @@ def examine(
     listing already reported a regular file (its d_type), which saves an ``lstat``.
     """
     expected_ino = None
+    known: Optional[Identity] = None
     if not regular:
         try:
             info = os.lstat(path)
@@ -271,7 +272,8 @@ def examine(
         if kind is not None:
             return Verdict(VANISHED) if kind == "directory" else Verdict(SKIP, reason=kind)
         expected_ino = info.st_ino
-        early = _size_verdict((info.st_ino, info.st_size, info.st_mtime_ns), settings, finished)
+        known = (info.st_ino, info.st_size, info.st_mtime_ns)
+        early = _size_verdict(known, settings, finished)
         if early is not None:
             return early
     try:
@@ -284,8 +286,8 @@ def examine(
         if regular:  # not what the listing said any more: look properly
             return examine(path, root, settings, finished, closed)
         if exc.errno in (errno.EACCES, errno.EPERM):
-            return Verdict(REJECT, None, f"cannot open: {exc.strerror}")
-        return Verdict(SKIP, None, f"cannot open: {exc.strerror}")
+            return Verdict(REJECT, known, f"cannot open: {exc.strerror}")
+        return Verdict(SKIP, known, f"cannot open: {exc.strerror}")
     try:
         opened = os.fstat(fd)
         if not stat.S_ISREG(opened.st_mode) or (

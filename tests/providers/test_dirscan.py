@@ -196,3 +196,55 @@ def test_daemon_with_dirscan_is_exhausted_and_exits_0(dir_workdir, dir_daemon):
     assert len(dir_results(dir_workdir)) == 30
     events = [e for e in daemon.events() if e.get("provider") == "dirscan"]
     assert any(e.get("reason") == "exhausted" for e in events)
+
+
+UNPRIVILEGED_RUN = """
+import json, os, sys, threading
+from stoqd.framework.loader import PluginRegistry
+from stoqd.workqueue import Outcome
+class Recorder:
+    stopping = threading.Event()
+    def __init__(self):
+        self.puts = []
+    def put_file(self, path, payload_meta=None, *, done=None, **kw):
+        self.puts.append(str(path))
+        done(Outcome("saved"))
+    def report(self, **stats):
+        self.stats = stats
+queue = Recorder()
+plugin = PluginRegistry().load(
+    "dirscan", {"source_dir": sys.argv[1], "failed_dir": sys.argv[2], "state_dir": sys.argv[3]}
+)
+# Everything is imported: now become nobody (the interpreter itself lives under /root).
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+plugin.ingest(queue)
+print(json.dumps({"puts": queue.puts, "stats": queue.stats}))
+"""
+
+
+def test_unreadable_files_and_files_of_others_as_an_unprivileged_user(dir_workdir):
+    """As ``nobody``: a file it may not read is handled as failed with the reason; a file
+    it does not own cannot be leased, so it must have been left unchanged a while."""
+    src, failed, state = dir_workdir / "src", dir_workdir / "failed", dir_workdir / "state"
+    state.mkdir()
+    for directory in (dir_workdir, src, failed, state):
+        directory.chmod(0o777)
+    (src / "secret").write_bytes(b"secret")
+    (src / "secret").chmod(0o000)
+    (src / "old").write_bytes(b"old")
+    os.utime(src / "old", (1_700_000_000, 1_700_000_000))
+    (src / "fresh").write_bytes(b"fresh")  # written just now by someone else
+    done = subprocess.run(
+        [sys.executable, "-c", UNPRIVILEGED_RUN, str(src), str(failed), str(state)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["puts"] == [str(src / "old")]
+    assert report["stats"]["skipped_by_reason"] == {"still open for writing": 1}
+    reason = json.loads((failed / "secret.error.json").read_text())
+    assert reason["error"] == "cannot open: Permission denied"
+    assert (failed / "secret").stat().st_size == 6
+    assert (src / "fresh").exists()
