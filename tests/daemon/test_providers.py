@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
@@ -123,7 +124,8 @@ def test_stoqctl_status_exits_3_while_a_provider_is_fatal(make_run: Callable[...
 def test_a_provider_that_cannot_import_is_fatal_at_once(make_run: Callable[..., Run]) -> None:
     run = make_run({
         "core": {"providers": "broken_import, source"},
-        "source": {"count": 30, "delay": 0.05, "outcomes": "{dir}/outcomes"},
+        "source": {"count": 30, "delay": 0.1, "hold_file": "{dir}/release",
+                   "outcomes": "{dir}/outcomes"},
     })  # fmt: skip
     daemon = run.start()
     status = daemon.wait_for(
@@ -144,7 +146,8 @@ def test_a_provider_that_rejects_its_options_is_fatal_at_once(
 ) -> None:
     run = make_run({
         "core": {"providers": "bad_options, source"},
-        "source": {"count": 30, "delay": 0.05, "outcomes": "{dir}/outcomes"},
+        "source": {"count": 30, "delay": 0.1, "hold_file": "{dir}/release",
+                   "outcomes": "{dir}/outcomes"},
     })  # fmt: skip
     daemon = run.start()
     status = daemon.wait_for(
@@ -161,12 +164,14 @@ def test_a_provider_that_rejects_its_options_is_fatal_at_once(
 def _the_other_provider_and_the_workers_carry_on(run: Run, status: Dict[str, Any]) -> None:
     daemon = run.daemon
     workers = sorted(w["pid"] for w in status["workers"])
-    saved_then = _provider(status, "source")["saved"]
-    assert _provider(status, "source")["state"] == "RUNNING"
-    later = daemon.wait_for(
-        lambda s: _provider(s, "source")["saved"] > saved_then + 5, what="more results"
-    )
+    later = daemon.wait_for(lambda s: _provider(s, "source")["saved"] == 30, what="30 saved")
+    assert _provider(later, "source")["state"] == "RUNNING"
     assert sorted(w["pid"] for w in later["workers"]) == workers
+    # Results kept coming after the other provider was declared FATAL.
+    fatal_at = next(e["timestamp"] for e in daemon.events() if e["event"] == "fatal")
+    last_result = max(datetime.fromisoformat(r["time"]) for r in run.results())
+    assert last_result > datetime.fromisoformat(fatal_at)
+    Path(run.path("release")).touch()
     assert daemon.wait_exit() == 1, daemon.log()  # one provider FATAL
     assert run.saved_ids() == {f"item-{i}": 1 for i in range(1, 31)}
     assert len(run.outcomes()) == 30
