@@ -87,6 +87,25 @@ def _tail(path: Path, lines: int = 30) -> str:
 # -- RabbitMQ ---------------------------------------------------------------------------
 
 
+def _make_certificates(base: Path) -> Path:
+    """A throw-away CA and a server certificate for ``localhost`` (the TLS listener)."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=base, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+            "/CN=stoqd test CA", "-keyout", "ca.key", "-out", "ca.pem")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+            "-keyout", "server.key", "-out", "server.csr")  # fmt: skip
+    (base / "ext.cnf").write_text("subjectAltName = DNS:localhost, IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf",
+            "-out", "server.pem")  # fmt: skip
+    for name in ("server.key", "server.pem", "ca.pem"):
+        (base / name).chmod(0o644)  # read by the node (same user here), shown to tests
+    return base / "ca.pem"
+
+
 class RabbitNode:
     """A RabbitMQ node of our own: its data dir, cookie, epmd port and AMQP port.
 
@@ -96,7 +115,7 @@ class RabbitNode:
 
     def __init__(self, base: Path) -> None:
         self.base = base
-        self.port, self.dist_port, self.epmd_port = free_ports(3)
+        self.port, self.dist_port, self.epmd_port, self.tls_port = free_ports(4)
         self.node = f"stoqdtest{self.port}@localhost"
         self.pid_file = base / "rabbit.pid"
         self.log = base / "server.log"
@@ -105,7 +124,16 @@ class RabbitNode:
         cookie.write_text(f"stoqdtest{random.getrandbits(64):x}")
         cookie.chmod(0o400)
         (base / "enabled_plugins").write_text("[].\n")
-        (base / "rabbitmq.conf").write_text("loopback_users = none\n")
+        self.ca_file = _make_certificates(base)
+        (base / "rabbitmq.conf").write_text(
+            "loopback_users = none\n"
+            f"listeners.ssl.default = 127.0.0.1:{self.tls_port}\n"
+            f"ssl_options.cacertfile = {base / 'ca.pem'}\n"
+            f"ssl_options.certfile = {base / 'server.pem'}\n"
+            f"ssl_options.keyfile = {base / 'server.key'}\n"
+            "ssl_options.verify = verify_none\n"
+            "ssl_options.fail_if_no_peer_cert = false\n"
+        )
         dist = "-kernel inet_dist_use_interface {127,0,0,1}"
         self.env: Dict[str, str] = {
             **os.environ,

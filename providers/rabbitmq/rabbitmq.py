@@ -366,9 +366,13 @@ class _Consumer:
                     self._connect()
                     failures = 0
                     self._consume()
-                except (pika.exceptions.AMQPConnectionError, pika.exceptions.ChannelClosed,
-                        pika.exceptions.ChannelWrongStateError, pika.exceptions.StreamLostError,
-                        ConnectionError) as exc:  # fmt: skip
+                except (
+                    pika.exceptions.AMQPConnectionError,
+                    pika.exceptions.ChannelClosed,
+                    pika.exceptions.ChannelWrongStateError,
+                    pika.exceptions.StreamLostError,
+                    OSError,
+                ) as exc:  # fmt: skip  (OSError: sockets, DNS, TLS)
                     failures += 1
                     self._lost(exc, failures)
         finally:

@@ -573,3 +573,29 @@ def test_two_daemons_on_one_queue_share_the_load(
     two = [r["message_id"] for r in second.saved()]
     assert one and two  # both did a share
     assert sorted(one + two) == sorted(ids)  # and together every message, once
+
+
+def test_tls_connection_verifies_the_broker(mq_rabbitmq: RabbitNode, broker: Broker) -> None:
+    queue = unique()
+    declare(mq_rabbitmq, queue)
+    broker.publish(queue, b"over tls")
+    plugin = build(mq_rabbitmq, queue=queue, tls="true", port=mq_rabbitmq.tls_port,
+                   tls_ca_file=mq_rabbitmq.ca_file, tls_server_name="localhost")  # fmt: skip
+    recorded = consume(plugin, max_items=1)
+    assert [p.item.content for p in recorded.puts] == [b"over tls"]
+    assert recorded.stats["acked"] == 1
+
+
+def test_tls_refuses_a_broker_it_cannot_verify(mq_rabbitmq: RabbitNode) -> None:
+    plugin = build(
+        mq_rabbitmq, queue=unique(), tls="true", port=mq_rabbitmq.tls_port, reconnect_max=0.2
+    )  # fmt: skip  (the system store does not know our CA)
+    recorded = consume(plugin, timeout=2)
+    assert recorded.puts == []
+    assert "CERTIFICATE_VERIFY_FAILED" in recorded.stats["last_error"]
+
+
+def test_tls_ca_file_that_cannot_be_read_is_named(mq_rabbitmq: RabbitNode, tmp_path: Path) -> None:
+    with pytest.raises(StoqPluginException) as error:
+        build(mq_rabbitmq, tls="true", tls_ca_file=tmp_path / "none.pem")
+    assert str(error.value) == "plugin rabbitmq: TLS options: No such file or directory"
