@@ -9,7 +9,9 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import pty
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -260,3 +262,40 @@ def test_a_provider_that_puts_nothing_is_exhausted(make_run: Callable[..., Run])
     assert daemon.wait_exit() == 0, daemon.log()
     assert run.results() == []
     assert [e["put"] for e in daemon.events() if e["event"] == "exhausted"] == [0]
+
+
+def test_logs_are_key_value_lines_on_a_terminal(make_run: Callable[..., Run]) -> None:
+    run = make_run({
+        "core": {"providers": "crash_after", "log_syntax": "auto"},
+        "stoqd": {"startretries": 0},
+        "crash_after": {"count": 1, "crash_after": 1, "marker": "{dir}/crashed"},
+    })  # fmt: skip
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stoqd", "-c", str(run.config)],
+        stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, start_new_session=True,
+    )  # fmt: skip
+    os.close(terminal)
+    output = b""
+    try:
+        while True:  # until every process holding the terminal has exited
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the last writer closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+        assert process.wait(timeout=60) == 1  # the provider is FATAL after its crash
+    finally:
+        os.close(controller)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    lines = output.decode(errors="replace").splitlines()
+    assert lines and not [line for line in lines if line.startswith("{")]
+    fatal = [line for line in lines if " fatal " in line and "provider=crash_after" in line]
+    assert len(fatal) == 1 and "proc=supervisor" in fatal[0] and "[error" in fatal[0]
+    crashed = [line for line in lines if "ingest_failed" in line]
+    assert crashed and "proc=provider:crash_after" in crashed[0]
+    assert any(" running " in line and "worker=1" in line for line in lines)
