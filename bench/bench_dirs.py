@@ -87,23 +87,28 @@ def machine_facts() -> Dict[str, str]:
 # -- the daemon's processes -----------------------------------------------------------
 
 
-def session_memory(sid: int) -> Dict[int, Tuple[int, int]]:
-    """pid -> (VmRSS, VmHWM) in bytes for every live process of session ``sid``."""
-    found: Dict[int, Tuple[int, int]] = {}
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def session_memory(sid: int) -> Dict[int, Tuple[int, int, float]]:
+    """pid -> (VmRSS, VmHWM in bytes, CPU seconds) for every live process of ``sid``."""
+    found: Dict[int, Tuple[int, int, float]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             raw = Path(f"/proc/{entry}/stat").read_text()
-            if int(raw[raw.rindex(")") + 2 :].split()[3]) != sid:
+            fields = raw[raw.rindex(")") + 2 :].split()
+            if int(fields[3]) != sid:
                 continue
+            cpu = (int(fields[11]) + int(fields[12])) / TICK
             rss = hwm = 0
             for line in Path(f"/proc/{entry}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     rss = int(line.split()[1]) * 1024
                 elif line.startswith("VmHWM:"):
                     hwm = int(line.split()[1]) * 1024
-            found[int(entry)] = (rss, hwm)
+            found[int(entry)] = (rss, hwm, cpu)
         except (OSError, ValueError, IndexError):
             continue
     return found
@@ -117,6 +122,7 @@ class MemorySampler:
         self.every = every
         self.peak_total = 0
         self.peak_hwm: Dict[int, int] = {}
+        self.cpu: Dict[int, float] = {}  # last seen CPU seconds per pid
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -124,14 +130,32 @@ class MemorySampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             memory = session_memory(self.sid)
-            self.peak_total = max(self.peak_total, sum(rss for rss, _ in memory.values()))
-            for pid, (_, hwm) in memory.items():
+            self.peak_total = max(self.peak_total, sum(m[0] for m in memory.values()))
+            for pid, (_, hwm, cpu) in memory.items():
                 self.peak_hwm[pid] = max(self.peak_hwm.get(pid, 0), hwm)
+                self.cpu[pid] = cpu
             self._stop.wait(self.every)
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+    def cpu_per_file(self, roles: Dict[str, List[int]], files: int) -> Dict[str, float]:
+        """CPU microseconds per file of each role (supervisor, provider, workers)."""
+        return {
+            f"{role} CPU us/file": sum(self.cpu.get(pid, 0.0) for pid in pids) / files * 1e6
+            for role, pids in roles.items()
+        }
+
+
+def roles_of(daemon: Daemon) -> Dict[str, List[int]]:
+    """The daemon's processes by role, from its status."""
+    status = daemon.status()
+    return {
+        "supervisor": [status["daemon"]["pid"]],
+        "provider": [p["pid"] for p in status["providers"] if p.get("pid")],
+        "workers": [w["pid"] for w in status["workers"] if w.get("pid")],
+    }
 
 
 # -- results as they appear -----------------------------------------------------------
@@ -242,6 +266,10 @@ def bench_burst(count: int) -> Dict[str, float]:
         staged = staged_files(base / "stage", count, 4096)
         daemon = start_daemon(base, "dirmon", {"action": "delete"})
         wait_watching(daemon)
+        roles = roles_of(daemon)
+        sampler = MemorySampler(daemon.pid, every=0.05)
+        time.sleep(0.2)
+        idle = dict(sampler.cpu)
         tail = ResultTail(base / "results.jsonl")
         src = base / "src"
         started = time.time()
@@ -250,10 +278,14 @@ def bench_burst(count: int) -> Dict[str, float]:
         renamed = time.time()
         last = tail.wait(count, timeout=600)
         tail.stop()
+        time.sleep(0.2)
+        sampler.stop()
         stop(daemon)
+        sampler.cpu = {pid: cpu - idle.get(pid, 0.0) for pid, cpu in sampler.cpu.items()}
         return {
             "files/s": count / (last - started),
             "rename files/s": count / (renamed - started),
+            **sampler.cpu_per_file(roles, count),
         }
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -385,8 +417,16 @@ def bench_dirscan(count: int) -> Dict[str, float]:
         tail = ResultTail(base / "results.jsonl", parse=True)
         started = time.time()
         daemon = start_daemon(base, "dirscan", {})
+        sampler = MemorySampler(daemon.pid, every=0.05)
+        roles: Dict[str, List[int]] = {}
+        while not roles.get("provider") and daemon.process.poll() is None:
+            try:
+                roles = roles_of(daemon)
+            except Exception:  # not listening yet
+                time.sleep(0.02)
         code = daemon.wait_exit(600)
         ended = time.time()
+        sampler.stop()
         tail.wait(count, timeout=10)
         tail.stop()
         stop(daemon)
@@ -400,9 +440,24 @@ def bench_dirscan(count: int) -> Dict[str, float]:
             "start-to-exit files/s": count / (ended - started),
             "first-to-last result files/s": count / span if span else float("nan"),
             "seconds": ended - started,
+            **sampler.cpu_per_file(roles, count),
+            "provider alone files/s": provider_alone(base / "src"),
         }
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def provider_alone(src: Path) -> float:
+    """dirscan's own rate: its ingest in this process against stoqd.testing's recording
+    queue, which answers every file at once (no daemon, no scanning)."""
+    from stoqd.framework.loader import PluginRegistry
+    from stoqd.testing import RecordingQueue
+
+    plugin = PluginRegistry().load("dirscan", {"source_dir": str(src)})
+    queue = RecordingQueue()
+    started = time.perf_counter()
+    plugin.ingest(queue)  # type: ignore[attr-defined]
+    return len(queue.puts) / (time.perf_counter() - started)
 
 
 def bench_walk_memory(count: int) -> Dict[str, float]:

@@ -67,6 +67,18 @@ class _OverflowHook(logging.Handler):
             self._events.put(("overflow", ""))
 
 
+class _QuietStop(logging.Filter):
+    """Drops watchdog's error about reading events while its emitter stops: a benign
+    race of ``observer.stop()`` that would otherwise log an error at every shutdown."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("InotifyEmitter.queue_events() called when")
+
+
+_QUIET_STOP = _QuietStop()
+logging.getLogger("watchdog.observers.inotify").addFilter(_QUIET_STOP)
+
+
 class Watcher:
     """A running inotify observer on ``root``, feeding ``events``."""
 
