@@ -226,3 +226,39 @@ def test_a_provider_ignoring_sigterm_is_killed_after_graceful_timeout(
     stopped = [e for e in daemon.events() if e.get("provider") == "stubborn" and
                e["event"] in ("stopped", "exited")]  # fmt: skip
     assert [e["exit"] for e in stopped] in ([], ["killed by SIGKILL"])
+
+
+def test_sighup_moves_the_workers_onto_new_plugin_options(make_run: Callable[..., Run]) -> None:
+    sections: Dict[str, Dict[str, Any]] = {
+        "core": {"providers": "hang"},
+        "hash": {"algorithms": "md5, sha256"},
+    }
+    run = make_run(sections)
+    daemon = run.start()
+    before = daemon.wait_for(
+        lambda s: (
+            _provider(s, "hang")["state"] == "RUNNING"
+            and [w["state"] for w in s["workers"]] == ["idle", "idle"]
+        ),
+        what="two idle workers",
+    )
+    run.configure({
+        "core": {"providers": "hang, source"},
+        "hash": {"algorithms": "sha1"},
+        "source": {"count": 30, "delay": 0.1, "outcomes": "{dir}/outcomes"},
+    })  # fmt: skip
+    daemon.signal(signal.SIGHUP)
+    old = {w["pid"] for w in before["workers"]}
+    after = daemon.wait_for(
+        lambda s: _provider(s, "source")["state"] == "EXHAUSTED"
+        and len(s["workers"]) == 2 and not old & {w["pid"] for w in s["workers"]},
+        what="both workers replaced and the new provider done",
+    )  # fmt: skip
+    assert after["counters"]["worker_recycles"] == 2
+    recycled = [e["reason"] for e in daemon.events() if e["event"] == "recycling"]
+    assert recycled == ["reload", "reload"]
+    digests = [r["results"][0]["workers"][0]["hash"] for r in run.results()]
+    assert len(digests) == 30
+    # Recycling is gradual, so early payloads may meet an old worker; the last ones do not.
+    assert set(digests[-1]) == {"sha1"}
+    assert {frozenset(d) for d in digests} <= {frozenset({"md5", "sha256"}), frozenset({"sha1"})}
