@@ -599,3 +599,22 @@ def test_tls_ca_file_that_cannot_be_read_is_named(mq_rabbitmq: RabbitNode, tmp_p
     with pytest.raises(StoqPluginException) as error:
         build(mq_rabbitmq, tls="true", tls_ca_file=tmp_path / "none.pem")
     assert str(error.value) == "plugin rabbitmq: TLS options: No such file or directory"
+
+
+def test_sigterm_gives_back_what_was_not_saved(
+    mq_rabbitmq: RabbitNode, broker: Broker, runs: Any
+) -> None:
+    queue = unique()
+    declare(mq_rabbitmq, queue)
+    ids = [f"m{n}" for n in range(200)]
+    for number, message_id in enumerate(ids):
+        broker.publish(queue, b"SLOW %d" % number, message_id=message_id)
+    run = runs(mq_rabbitmq, queue, prefetch=10)
+    daemon = run.start()
+    daemon.wait_for(lambda s: (run.stats().get("acked") or 0) >= 5, what="some acks")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit(60) == 0
+    saved = [r["message_id"] for r in run.saved()]
+    back = [properties.message_id for properties, _ in broker.get_all(queue)]
+    assert back, "stopped before the queue ran dry: some messages must be back"
+    assert sorted(saved + back) == sorted(ids)  # each saved and acked, or back: never both
