@@ -40,7 +40,13 @@ def test_status_shows_a_table_for_people_and_json_for_machines(
         "source": {"count": 3, "report": "true", "outcomes": "{dir}/outcomes"},
     })  # fmt: skip
     daemon = run.start()
-    daemon.wait_for(lambda s: _provider(s, "source")["state"] == "EXHAUSTED", what="EXHAUSTED")
+    # EXHAUSTED says the source ran dry; its items may still be in flight until saved.
+    daemon.wait_for(
+        lambda s: (
+            _provider(s, "source")["state"] == "EXHAUSTED" and _provider(s, "source")["saved"] == 3
+        ),
+        what="EXHAUSTED and 3 saved",
+    )
     _running(run)
     shown = stoqctl("-s", str(daemon.socket), "status")
     assert shown.returncode == 0, shown.stderr
@@ -248,5 +254,5 @@ def test_stop_kills_a_provider_that_ignores_sigterm(make_run: Callable[..., Run]
     daemon.wait_for(lambda s: _provider(s, "stubborn")["state"] == "RUNNING", what="RUNNING")
     assert stoqctl("-s", str(daemon.socket), "stop", "stubborn").returncode == 0
     daemon.wait_for(
-        lambda s: _provider(s, "stubborn")["state"] == "STOPPED", timeout=5, what="STOPPED"
+        lambda s: _provider(s, "stubborn")["state"] == "STOPPED", timeout=4, what="STOPPED"
     )

@@ -109,7 +109,10 @@ def test_sighup_adds_a_provider_from_the_edited_file(make_run: Callable[..., Run
     })  # fmt: skip
     daemon.signal(signal.SIGHUP)
     status = daemon.wait_for(
-        lambda s: any(p["name"] == "source" and p["state"] == "EXHAUSTED" for p in s["providers"]),
+        lambda s: any(
+            p["name"] == "source" and p["state"] == "EXHAUSTED" and p["saved"] == 5
+            for p in s["providers"]
+        ),
         what="the added provider to run to exhaustion",
     )
     assert _provider(status, "source")["saved"] == 5
@@ -251,6 +254,7 @@ def test_sighup_moves_the_workers_onto_new_plugin_options(make_run: Callable[...
     old = {w["pid"] for w in before["workers"]}
     after = daemon.wait_for(
         lambda s: _provider(s, "source")["state"] == "EXHAUSTED"
+        and _provider(s, "source")["saved"] == 30
         and len(s["workers"]) == 2 and not old & {w["pid"] for w in s["workers"]},
         what="both workers replaced and the new provider done",
     )  # fmt: skip
