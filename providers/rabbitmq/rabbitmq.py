@@ -18,6 +18,7 @@ Connector: publishes each result as JSON, or for each archived payload a referen
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import queue as stdlib_queue
@@ -343,9 +344,10 @@ class _Consumer:
         self.in_flight: collections.Counter[str] = collections.Counter()  # message ids put
         self.parked: Dict[str, List[Delivery]] = {}  # redeliveries of ids still in flight
         self.saved_unacked: collections.OrderedDict[str, None] = collections.OrderedDict()
-        # Delivery tags of the current channel not yet acked or nacked, in arrival order;
-        # True once saved. A saved run at the front is acked with one multiple-ack.
-        self.unsettled: collections.OrderedDict[int, bool] = collections.OrderedDict()
+        # Delivery tags of the current channel not yet acked or nacked, in arrival order,
+        # with None until saved, then the message id ("" without one). A saved run at the
+        # front is acked with one multiple-ack.
+        self.unsettled: collections.OrderedDict[int, Optional[str]] = collections.OrderedDict()
         self._anonymous_in_flight = 0  # messages without a message id, put, not finished
         self.stats: Dict[str, Any] = {
             "connection": "connecting", "queue": plugin.queue_name,
@@ -446,6 +448,9 @@ class _Consumer:
         # so are redeliveries parked behind an earlier copy still being scanned.
         self.pending.clear()
         self.parked.clear()
+        for message_id in self.unsettled.values():
+            if message_id:  # saved, its ack not sent: skip the redelivery
+                self._remember_saved(message_id)
         self.unsettled.clear()
         wait = backoff.delay(failures, 0.5, self.plugin.reconnect_max)
         reason = _describe(exc)
@@ -484,7 +489,7 @@ class _Consumer:
     def _on_message(self, channel: BlockingChannel, method: Basic.Deliver,
                     properties: BasicProperties, body: bytes) -> None:  # fmt: skip
         self.stats["received"] += 1
-        self.unsettled[method.delivery_tag] = False
+        self.unsettled[method.delivery_tag] = None
         self.pending.append(
             Delivery(self.generation, method.delivery_tag, method.exchange or "",
                      method.routing_key or "", bool(method.redelivered), properties, body)
@@ -565,17 +570,15 @@ class _Consumer:
 
     def _flush_acks(self) -> None:
         assert self.channel is not None
-        last, count = None, 0
-        while self.unsettled and next(iter(self.unsettled.values())):
-            last, _ = self.unsettled.popitem(last=False)
-            count += 1
-        if last is not None:
-            self.channel.basic_ack(last, multiple=True)
-            self.stats["acked"] += count
-        for tag in [tag for tag, saved in self.unsettled.items() if saved]:
-            del self.unsettled[tag]
+        saved = [tag for tag, message_id in self.unsettled.items() if message_id is not None]
+        run = list(itertools.takewhile(lambda kv: kv[1] is not None, self.unsettled.items()))
+        if run:
+            self.channel.basic_ack(run[-1][0], multiple=True)
+        for tag in saved[len(run) :]:
             self.channel.basic_ack(tag)
-            self.stats["acked"] += 1
+        for tag in saved:  # only once sent: a failed ack leaves them for _lost to remember
+            del self.unsettled[tag]
+        self.stats["acked"] += len(saved)
 
     def _finish(self, delivery: Delivery, outcome: Any) -> None:
         message_id = delivery.message_id
@@ -590,7 +593,7 @@ class _Consumer:
             if outcome.saved and message_id is not None:
                 self._remember_saved(message_id)
         elif outcome.status == "saved":
-            self.unsettled[delivery.tag] = True  # acked by _flush_acks
+            self.unsettled[delivery.tag] = message_id or ""  # acked by _flush_acks
         elif outcome.status == "failed":
             self._retry_or_dead_letter(delivery, outcome.error or "scan failed")
         else:  # not_done: stoqd stopped before scanning it
