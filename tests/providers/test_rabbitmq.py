@@ -398,6 +398,8 @@ class Run:
             "rabbitmq": {"host": "127.0.0.1", "port": node.port, "queue": queue,
                          "reconnect_max": 1, **rabbit},
             "jsonl": {"output_file": "${here}/results.jsonl"},
+            # A source archiver for references: payloads below archive/ only.
+            "filedir": {"archive_dir": "${here}/archive"},
         })  # fmt: skip
         self.daemon: Optional[Daemon] = None
 
@@ -536,12 +538,19 @@ def test_broker_restart_loses_nothing_and_scans_each_message_once(
     assert sorted(r["message_id"] for r in run.saved()) == sorted(ids)
 
 
+@pytest.mark.parametrize(
+    "reference, reason",
+    [
+        ({"nosucharchiver": {"path": "x"}}, "nosucharchiver"),
+        ({"filedir": {"path": "../../../etc/passwd"}}, "outside"),
+    ],
+)
 def test_unresolvable_reference_is_retried_then_dead_lettered(
-    mq_rabbitmq: RabbitNode, broker: Broker, runs: Any
+    mq_rabbitmq: RabbitNode, broker: Broker, runs: Any, reference: Any, reason: str
 ) -> None:
     queue = unique()
     declare(mq_rabbitmq, queue)
-    reference = json.dumps({"nosucharchiver": {"path": "x"}}).encode()
+    reference = json.dumps(reference).encode()
     broker.publish(queue, reference, content_type="application/json", message_id="ref")
     broker.publish(queue, b"fine", message_id="fine")
     run = runs(mq_rabbitmq, queue, max_retries=1)
@@ -550,7 +559,7 @@ def test_unresolvable_reference_is_retried_then_dead_lettered(
     _wait(lambda: broker.ready(f"{queue}.dead") == 1, "the dead-letter queue")
     [(properties, body)] = broker.get_all(f"{queue}.dead")
     assert body == reference
-    assert "nosucharchiver" in properties.headers["x-stoqd-error"]
+    assert reason in properties.headers["x-stoqd-error"]
     assert properties.headers["x-stoqd-retries"] == 1
     assert [r.get("message_id") for r in run.saved() if r.get("message_id")] == ["fine"]
 
