@@ -102,6 +102,7 @@ class Engine:
         self.skipped: Dict[str, int] = {}
         self.blocked = 0  # 1 while a claimed file waits for room in the daemon's queue
         self.queue_full = False  # the last claim had to wait for room
+        self.last_reason = ""  # why the last offer was not claimed, when it says
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -179,6 +180,7 @@ class Engine:
             self._skip(rel, verdict.reason)
             return SKIP
         if verdict.kind in (WRITING, VANISHED, UNCHANGED):
+            self.last_reason = verdict.reason
             return verdict.kind
         if not self._inside(path):
             self._skip(rel, "path leads through a symbolic link")

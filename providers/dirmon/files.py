@@ -304,10 +304,12 @@ def examine(
     finally:
         os.close(fd)
     if writers:
-        return Verdict(WRITING, identity)
+        return Verdict(WRITING, identity, "still open for writing")
     if writers is None and not closed:
         if time.time_ns() - identity[2] < settings.settle * 1e9:
-            return Verdict(WRITING, identity)
+            return Verdict(
+                WRITING, identity, f"modified less than {settings.settle:g}s ago (no lease)"
+            )
     return Verdict(READY, identity)
 
 

@@ -84,7 +84,7 @@ class Scan:
             self.counts["writing"] += 1
             self.engine._skip(
                 os.path.relpath(path, self.settings.source_dir),
-                "still open for writing (not scanned by this run)",
+                f"{self.engine.last_reason} (not scanned by this run)",
             )
         elif result == BUSY:
             pass  # a hard link or a repeated name: one scan is enough

@@ -243,7 +243,7 @@ def test_unreadable_files_and_files_of_others_as_an_unprivileged_user(dir_workdi
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["puts"] == [str(src / "old")]
-    assert report["stats"]["skipped_by_reason"] == {"still open for writing": 1}
+    assert report["stats"]["skipped_by_reason"] == {"modified less than 1s ago": 1}
     reason = json.loads((failed / "secret.error.json").read_text())
     assert reason["error"] == "cannot open: Permission denied"
     assert (failed / "secret").stat().st_size == 6
