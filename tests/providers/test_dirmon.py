@@ -594,3 +594,23 @@ def test_daemon_killed_mid_scan_then_restarted_loses_nothing(dir_workdir, dir_da
         for result in found:
             name = os.path.basename(path)
             assert result["workers"][0]["hash"]["sha256"] == sha256_of(done / name)
+
+
+def test_daemon_suricata_filestore_result_carries_the_fileinfo(dir_workdir, dir_daemon):
+    filestore, done = dir_workdir / "src", dir_workdir / "done"
+    daemon = dir_daemon("dirmon", {"action": "move", "done_dir": done})
+    daemon.wait_for(lambda s: "mode" in s["providers"][0]["stats"], what="dirmon watching")
+    content = os.urandom(20_000)
+    final = suricata_store(filestore, content)
+    sha = final.name
+    daemon.wait_for(
+        lambda s: s["providers"][0]["stats"].get("saved") == 1, what="the stored file saved"
+    )
+    ((result,),) = dir_results(dir_workdir).values()
+    assert result["workers"][0]["hash"]["sha256"] == sha
+    suricata = result["payload_meta"]["extra_data"]["suricata"]
+    assert suricata["fileinfo"]["fileinfo"]["sha256"] == sha
+    daemon.wait_for(
+        lambda s: sorted(os.listdir(done / sha[:2])) == [sha, f"{sha}.1764000000.20000.json"],
+        what="file and sidecar moved",
+    )
