@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
+from stoqd_providers.dirmon.watcher import inotify_watches
 
 from stoqd.framework.exceptions import StoqPluginException
 
@@ -391,11 +392,18 @@ def test_inotify_overflow_is_detected_and_recovered_by_a_rescan(dir_tree, dir_pl
     old = MAX_QUEUED.read_text()
     # The kernel reads this limit when an inotify instance is created: a tiny queue for
     # this provider's instance only, restored as soon as its watches are in place.
+    # The setting is machine-wide: keep the window short for other processes.
+    before = inotify_watches() or 0
+    plugin = dir_plugin("dirmon", source_dir=src)
     MAX_QUEUED.write_text("1")
     try:
-        start(dir_plugin, dir_run, queue, src)
+        dir_run(plugin, queue)
+        deadline = time.monotonic() + 10
+        while (inotify_watches() or 0) <= before and time.monotonic() < deadline:
+            time.sleep(0.001)
     finally:
         MAX_QUEUED.write_text(old)
+    queue.wait_for(lambda: "mode" in queue.stats, what="dirmon to start watching")
     for index in range(300):
         (src / f"f{index:03}").write_bytes(b"%d" % index)
     queue.wait_for(lambda: len(queue.puts) == 300, timeout=30, what="all 300 files")
