@@ -622,3 +622,65 @@ def test_daemon_suricata_filestore_result_carries_the_fileinfo(dir_workdir, dir_
         lambda s: sorted(os.listdir(done / sha[:2])) == [sha, f"{sha}.1764000000.20000.json"],
         what="file and sidecar moved",
     )
+
+
+LIMITED_RUN = """
+import json, os, sys, threading, time
+# In this user namespace only: the machine's own limits are untouched.
+with open("/proc/sys/user/max_inotify_watches", "w") as limit:
+    limit.write(sys.argv[2])
+with open("/proc/sys/user/max_inotify_instances", "w") as limit:
+    limit.write(sys.argv[3])
+from stoqd.framework.loader import PluginRegistry
+from stoqd.workqueue import Outcome
+
+class Recorder:
+    stopping = threading.Event()
+    puts, stats = [], {}
+    def put_file(self, path, payload_meta=None, *, done=None, **kw):
+        self.puts.append(str(path))
+        done(Outcome("saved"))
+    def report(self, **stats):
+        self.stats = stats
+
+queue = Recorder()
+plugin = PluginRegistry().load("dirmon", {"source_dir": sys.argv[1], "rescan_interval": "0.3"})
+thread = threading.Thread(target=plugin.ingest, args=(queue,))
+thread.start()
+deadline = time.time() + 20
+while not queue.stats.get("rescans") and time.time() < deadline:
+    time.sleep(0.02)
+late = os.path.join(sys.argv[1], "a", "b", "c", "late")
+with open(late, "w") as handle:
+    handle.write("late")
+while late not in queue.puts and time.time() < deadline:
+    time.sleep(0.02)
+time.sleep(1.2)  # one more report
+queue.stopping.set()
+thread.join(10)
+print(json.dumps({"puts": queue.puts, "stats": queue.stats}))
+"""
+
+
+@pytest.mark.parametrize("watches, instances", [("2", "128"), ("100", "0")])
+def test_inotify_watch_and_instance_limits_are_reported_and_rescans_find_files(
+    dir_tree, watches, instances
+):
+    src = dir_tree["src"]
+    (src / "a" / "b" / "c").mkdir(parents=True)
+    done = subprocess.run(
+        ["unshare", "--user", "--map-root-user", sys.executable, "-c", LIMITED_RUN,
+         str(src), watches, instances],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["puts"] == [str(src / "a" / "b" / "c" / "late")]
+    stats = report["stats"]
+    if instances == "0":
+        assert stats["mode"] == "rescan"
+        assert "cannot watch" in done.stderr and "rescanning every 0.3s instead" in done.stderr
+    else:
+        assert stats["mode"] == "inotify"
+        assert stats["watched_dirs"] == 2 and stats["unwatched_dirs"] == 2
+        assert "only 2 of 4 directories are watched" in done.stderr
