@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import queue as stdlib_queue
+import shutil
 import signal
 import threading
 import time
@@ -357,6 +358,7 @@ def test_daemon_acks_after_saving_and_kill_9_of_the_provider_loses_nothing(
         daemon.wait_for(lambda s: stats().get("in_flight") == 0, what="every outcome")
     finally:
         daemon.close()
+        shutil.rmtree(config.parent, ignore_errors=True)
     # Everything was acknowledged: nothing comes back once the ack deadline has passed.
     time.sleep(11)
     assert topic.pull(1, timeout=5) == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import queue as stdlib_queue
+import shutil
 import signal
 import threading
 import time
@@ -425,6 +426,7 @@ class Run:
     def close(self) -> None:
         if self.daemon is not None:
             self.daemon.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture

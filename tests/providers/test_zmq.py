@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import queue as stdlib_queue
+import shutil
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, List
 
 import pytest
@@ -72,6 +74,14 @@ class Collecting(RecordingQueue):
 
 
 @pytest.fixture
+def short_dir() -> Any:
+    """A directory with a short path (ipc socket paths are limited to 107 characters)."""
+    path = temp_dir("zmq-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
 def context() -> Any:
     ctx = zmq.Context()
     yield ctx
@@ -86,8 +96,10 @@ def _push(context: Any, endpoint: str) -> Any:
 
 
 @pytest.mark.parametrize("transport", ["tcp", "ipc"])
-def test_pull_receives_single_and_metadata_frames(context: Any, transport: str) -> None:
-    endpoint = free_tcp() if transport == "tcp" else f"ipc://{temp_dir('zmq-')}/in.sock"
+def test_pull_receives_single_and_metadata_frames(
+    context: Any, transport: str, short_dir: Path
+) -> None:
+    endpoint = free_tcp() if transport == "tcp" else f"ipc://{short_dir}/in.sock"
     running = Running(build(endpoint=endpoint), Collecting())
     push = _push(context, endpoint)
     push.send_multipart([b"raw bytes"])
@@ -232,3 +244,4 @@ def test_daemon_scans_what_is_pushed(context: Any) -> None:
         assert status["acknowledgement"].startswith("none: ZeroMQ has no acknowledgement")
     finally:
         daemon.close()
+        shutil.rmtree(root, ignore_errors=True)
