@@ -100,6 +100,7 @@ class ProviderHandle(Child):
     queued: int = 0  # its items waiting in the supervisor's queue
     stats: Dict[str, Any] = field(default_factory=dict)
     restart_requested: bool = False
+    stop_requested_at: Optional[float] = None  # when stoqctl stop/restart sent SIGTERM
 
     def __post_init__(self) -> None:
         Child.__init__(self)

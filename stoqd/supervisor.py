@@ -111,7 +111,11 @@ class Supervisor:
             signal.signal(signum, self._record_signal)
         self.selector.register(wake_r, selectors.EVENT_READ, lambda _: _drain(wake_r))
         path = str(self.config.resolve_path(self.daemon["control_socket"]))
-        self.control = control_server.listen(path, self.daemon["control_group"])
+        try:
+            self.control = control_server.listen(path, self.daemon["control_group"])
+        except BaseException:  # e.g. SocketInUse: _cleanup below never runs
+            shutil.rmtree(self.spool_dir, ignore_errors=True)
+            raise
         self.control_path = path
         self.selector.register(self.control, selectors.EVENT_READ, self._on_control_accept)
         log.info(
@@ -195,8 +199,10 @@ class Supervisor:
         handle.state = next_state(handle.state, Event.START)
         handle.next_retry = None
         handle.ready_at = None
+        handle.stop_requested_at = None
         handle.credits = 0
         channel = handle.spawn(self.ctx, provider_main, handle.name, self.spec, self.child_settings)
+        channel.on_close = self._forget
         self.selector.register(
             channel, selectors.EVENT_READ, lambda _, h=handle: self._on_provider_readable(h)
         )
@@ -342,6 +348,7 @@ class Supervisor:
         self.next_wid += 1
         worker = WorkerHandle(wid=self.next_wid, config_generation=self.config_generation)
         channel = worker.spawn(self.ctx, worker_main, worker.wid, self.spec, self.child_settings)
+        channel.on_close = self._forget
         self.workers[worker.wid] = worker
         self.selector.register(
             channel, selectors.EVENT_READ, lambda _, w=worker: self._on_worker_readable(w)
@@ -461,6 +468,11 @@ class Supervisor:
                     self.counters["worker_kills"] += 1
                     log.error("timeout", worker=worker.wid, child_pid=worker.pid, limit=limit)
                     worker.kill()
+        for handle in self.providers.values():  # stoqctl stop: SIGTERM, then SIGKILL
+            asked = handle.stop_requested_at
+            if handle.state is State.STOPPING and asked is not None and handle.alive():
+                if now - asked > self.daemon["graceful_timeout"]:
+                    handle.kill()
         if self.stopping_since is not None:
             grace = self.daemon["graceful_timeout"]
             if now - self.stopping_since > grace:
@@ -608,7 +620,14 @@ class Supervisor:
             self.begin_shutdown(
                 "every provider is finished" + (f"; fatal: {fatal}" if fatal else "")
             )
-        alive = [c for c in [*self.workers.values(), *self.providers.values()] if c.alive()]
+            self._update_write_interest()  # the workers' exit frames leave now, not next turn
+        # A child counts until its exit has been handled (and logged), not merely reaped.
+        watched = self.selector.get_map()
+        alive = [
+            c
+            for c in [*self.workers.values(), *self.providers.values()]
+            if c.alive() or (c.process is not None and c.process.sentinel in watched)
+        ]
         return not alive
 
     def _cleanup(self, path: str) -> None:
@@ -652,6 +671,7 @@ class Supervisor:
         handle.state = next_state(handle.state, Event.STOP)
         handle.next_retry = None
         if handle.alive():
+            handle.stop_requested_at = time.monotonic()
             handle.signal(signal.SIGTERM)
 
     def start_provider(self, handle: ProviderHandle) -> None:
@@ -701,11 +721,18 @@ class Supervisor:
                     self.restart_provider(handle)  # picks up its new options
         for name in [n for n in self.providers if n not in wanted]:
             handle = self.providers.pop(name)
-            if handle.alive():
-                handle.signal(signal.SIGTERM)
+            if handle.alive() or handle.state is State.BACKOFF:
+                self.stop_provider(handle)  # STOPPING: its exit is logged as stopped
         log.info("reloaded", providers=wanted, workers=self.n_workers)
 
     # -- plumbing ---------------------------------------------------------------------
+
+    def _forget(self, channel: Channel) -> None:
+        """A channel is closing: leave the selector while its fd number is still valid."""
+        try:
+            self.selector.unregister(channel)
+        except (KeyError, ValueError):
+            pass
 
     def _unregister(self, channel: Channel) -> None:
         try:
@@ -720,6 +747,8 @@ class Supervisor:
             if channel is None or channel.closed:
                 continue
             channel.flush()
+            if channel.closed:  # the child died; its sentinel brings it to _on_*_exit
+                continue
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if channel.wants_write else 0)
             key = self.selector.get_map().get(channel.fileno())
             if key is not None and key.events != events:

@@ -18,7 +18,7 @@ import json
 import socket
 import struct
 import threading
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 _PREFIX = struct.Struct("!II")
 MAX_HEADER = 16 << 20
@@ -77,6 +77,9 @@ class Channel:
         self._decoder = Decoder()
         self._out = bytearray()
         self.closed = False
+        # Called before the socket closes, so its owner can unregister it from a selector
+        # while the fd number is still this socket's (the next child may be given it).
+        self.on_close: Optional[Callable[[Channel], None]] = None
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -133,6 +136,8 @@ class Channel:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            if self.on_close is not None:
+                self.on_close(self)
             self.sock.close()
 
 

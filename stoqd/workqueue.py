@@ -275,7 +275,9 @@ def load_payload(
     if kind == "bytes":
         return Payload(body, _payload_meta(header))
     if kind in ("spool", "file"):
-        content = read_file(header["path"], max_size)
+        # A spooled payload is stoqd's own copy: the scan applies max_payload_size to it
+        # as to an inline one, rather than failing it with the spool file's name.
+        content = read_file(header["path"], max_size if kind == "file" else 0)
         meta = _payload_meta(header)
         if kind == "file":
             meta.extra_data.setdefault("filename", os.path.basename(header["path"]))

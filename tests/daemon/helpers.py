@@ -123,3 +123,11 @@ def stoqctl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]
     return subprocess.run(
         [sys.executable, "-m", "stoqd.ctl", *args], capture_output=True, text=True, timeout=timeout
     )
+
+
+def wait_stubborn_asleep(daemon: Daemon) -> None:
+    """Wait until the ``stubborn`` provider is inside the ``try`` that swallows SIGTERM."""
+    wait_until(
+        lambda: any(e.get("event") == "stubborn: sleeping" for e in daemon.events()),
+        what="the stubborn provider to sleep",
+    )

@@ -9,8 +9,6 @@ import signal
 import time
 from typing import Any, Callable, Dict, List, Tuple
 
-import pytest
-
 from stoqd.ctl import DaemonDown, request
 
 from .helpers import Run
@@ -29,12 +27,6 @@ def _victims(status: Dict[str, Any]) -> List[Tuple[str, int]]:
 
 
 # Not strict: the supervisor crashes in about half of the runs, so a strict mark would flake.
-@pytest.mark.xfail(
-    reason="daemon bug: a channel closed by flush() (peer SIGKILLed) makes "
-    "_update_write_interest call fileno() == -1 (ValueError), and a closed channel left "
-    "registered in the selector makes the next child's register() raise KeyError",
-    strict=False,
-)
 def test_sigkilling_children_while_payloads_flow_loses_nothing(
     make_run: Callable[..., Run],
 ) -> None:

@@ -12,9 +12,7 @@ import socket
 import stat
 from typing import Any, Callable, Dict
 
-import pytest
-
-from .helpers import Run, stoqctl
+from .helpers import Run, stoqctl, wait_stubborn_asleep
 
 
 def _provider(status: Dict[str, Any], name: str) -> Dict[str, Any]:
@@ -226,11 +224,6 @@ def test_a_second_daemon_on_the_same_socket_exits_69(make_run: Callable[..., Run
     assert first.status()["daemon"]["pid"] == first.pid
 
 
-@pytest.mark.xfail(
-    reason="daemon bug: Supervisor.__init__ creates the spool directory and run() raises "
-    "SocketInUse from control_server.listen() before the try/finally that removes it",
-    strict=True,
-)
 def test_a_refused_second_daemon_leaves_no_spool_directory(make_run: Callable[..., Run]) -> None:
     run = make_run({"core": {"providers": "hang"}})
     run.start()
@@ -243,15 +236,11 @@ def test_a_refused_second_daemon_leaves_no_spool_directory(make_run: Callable[..
     assert leaked == []
 
 
-@pytest.mark.xfail(
-    reason="daemon gap: stoqctl stop sends SIGTERM only and never escalates to SIGKILL, so "
-    "a provider that ignores SIGTERM stays STOPPING forever (supervisord: stopwaitsecs)",
-    strict=True,
-)
 def test_stop_kills_a_provider_that_ignores_sigterm(make_run: Callable[..., Run]) -> None:
     run = make_run({"core": {"providers": "stubborn"}, "stoqd": {"graceful_timeout": 1}})
     daemon = run.start()
     daemon.wait_for(lambda s: _provider(s, "stubborn")["state"] == "RUNNING", what="RUNNING")
+    wait_stubborn_asleep(daemon)
     assert stoqctl("-s", str(daemon.socket), "stop", "stubborn").returncode == 0
     daemon.wait_for(
         lambda s: _provider(s, "stubborn")["state"] == "STOPPED", timeout=4, what="STOPPED"

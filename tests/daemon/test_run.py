@@ -17,8 +17,6 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import pytest
-
 from stoqd.testing import temp_dir
 
 from .helpers import PLUGINS, Run
@@ -303,12 +301,6 @@ def test_logs_are_key_value_lines_on_a_terminal(make_run: Callable[..., Run]) ->
     assert any(" running " in line and "worker=1" in line for line in lines)
 
 
-@pytest.mark.xfail(
-    reason="daemon bug: an oversized payload over inline_max_bytes is failed with an error "
-    "naming stoqd's private spool file (workqueue.load_payload applies max_payload_size to "
-    "the spool), while the same payload under inline_max_bytes is saved with a stoq error",
-    strict=True,
-)
 def test_an_oversized_payload_is_treated_alike_inline_or_spooled(
     make_run: Callable[..., Run],
 ) -> None:

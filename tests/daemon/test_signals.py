@@ -7,9 +7,7 @@ import signal
 from collections import Counter
 from typing import Any, Callable, Dict
 
-import pytest
-
-from .helpers import Run, stoqctl, wait_until
+from .helpers import Run, stoqctl, wait_stubborn_asleep, wait_until
 
 
 def _provider(status: Dict[str, Any], name: str) -> Dict[str, Any]:
@@ -83,11 +81,6 @@ def test_sigint_stops_like_sigterm(make_run: Callable[..., Run]) -> None:
 
 
 # Not strict: the event is missing in roughly one run of ten.
-@pytest.mark.xfail(
-    reason="daemon bug: _finished() sees the provider dead through alive() (waitpid) and "
-    "ends the loop before the sentinel callback _on_provider_exit has logged 'stopped'",
-    strict=False,
-)
 def test_a_provider_stopped_at_shutdown_is_logged(make_run: Callable[..., Run]) -> None:
     run = make_run({"core": {"providers": "hang"}})
     daemon = run.start()
@@ -177,11 +170,6 @@ def test_sighup_removes_a_provider_dropped_from_the_file(make_run: Callable[...,
     assert run.saved_ids() == {"item-1": 1}
 
 
-@pytest.mark.xfail(
-    reason="daemon bug: reload() only SIGTERMs a removed provider without moving it to "
-    "STOPPING, so its exit 0 is read as ingest() returning and logged as 'exhausted'",
-    strict=True,
-)
 def test_a_provider_removed_by_sighup_is_logged_as_stopped(make_run: Callable[..., Run]) -> None:
     run = make_run({
         "core": {"providers": "hang, source"},
@@ -230,6 +218,7 @@ def test_a_provider_ignoring_sigterm_is_killed_after_graceful_timeout(
     run = make_run({"core": {"providers": "stubborn"}, "stoqd": {"graceful_timeout": 1}})
     daemon = run.start()
     daemon.wait_for(lambda s: _provider(s, "stubborn")["state"] == "RUNNING", what="RUNNING")
+    wait_stubborn_asleep(daemon)
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit(timeout=20) == 0, daemon.log()
     stopped = [e for e in daemon.events() if e.get("provider") == "stubborn" and
