@@ -19,9 +19,10 @@ import queue as stdlib_queue
 import stat
 import tempfile
 import threading
+import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, NoReturn, Optional, Union
 
 from .framework.data import Payload, PayloadMeta, RequestMeta
 from .framework.helpers import dumps
@@ -168,13 +169,14 @@ class ProviderQueue:
         done: Optional[DoneCallback],
         request_meta: Optional[RequestMeta],
     ) -> None:
-        while self.stopping.is_set():
-            # No new work during shutdown: the item stays with its source.
-            self.stopping.wait(3600)
+        if self.stopping.is_set():
+            # No new work during shutdown: the item stays with its source. A blocking put
+            # waits for the SIGTERM that follows; a bounded one reports the queue full.
+            if block:
+                time.sleep(3600 if timeout is None else timeout)
+            self._refuse(header)
         if not self._credits.acquire(blocking=block, timeout=timeout):
-            if header.get("kind") == "spool":
-                _unlink_quietly(header["path"])
-            raise stdlib_queue.Full
+            self._refuse(header)
         with self._id_lock:
             self._next_id += 1
             item_id = self._next_id
@@ -191,6 +193,12 @@ class ProviderQueue:
             header["request"] = request
         self._endpoint.send(header, body)
         self.put_count += 1
+
+    def _refuse(self, header: Dict[str, Any]) -> NoReturn:
+        """The item does not enter the queue: drop its spool copy, tell the caller."""
+        if header.get("kind") == "spool":
+            _unlink_quietly(header["path"])
+        raise stdlib_queue.Full
 
     def on_message(self, header: Dict[str, Any]) -> None:
         """Called by the reader thread for each message from the supervisor."""
@@ -248,7 +256,8 @@ def _payload_meta(header: Dict[str, Any]) -> PayloadMeta:
 def read_file(path: str, max_size: int) -> bytes:
     """Read a regular file, refusing FIFOs, devices and files over ``max_size``."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        # NOFOLLOW: a symlink swapped in after the provider checked the path is refused.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as exc:
         raise ItemError(f"cannot read {path}: {exc.strerror}") from None
     try:

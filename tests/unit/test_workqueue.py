@@ -1,0 +1,49 @@
+"""The provider side of the queue over a real socketpair: credits, shutdown, file reads."""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from stoqd.wire import Endpoint
+from stoqd.workqueue import ItemError, ProviderQueue, read_file
+
+_PEERS: list[socket.socket] = []  # the supervisor's ends, kept open for the tests' lifetime
+
+
+def _queue(tmp_path: Path) -> ProviderQueue:
+    ours, theirs = socket.socketpair()
+    _PEERS.append(theirs)
+    return ProviderQueue(Endpoint(ours), inline_max_bytes=16, spool_dir=str(tmp_path))
+
+
+def test_a_put_without_credit_and_no_wait_is_full(tmp_path: Path) -> None:
+    with pytest.raises(queue.Full):
+        _queue(tmp_path).put(b"x", block=False)
+
+
+def test_a_bounded_put_during_shutdown_is_full_after_its_timeout(tmp_path: Path) -> None:
+    provider_queue = _queue(tmp_path)
+    provider_queue.on_message({"t": "credit", "n": 5})
+    provider_queue.on_message({"t": "stop"})
+    started = time.monotonic()
+    with pytest.raises(queue.Full):
+        provider_queue.put(b"x", timeout=0.2)
+    assert 0.2 <= time.monotonic() - started < 2
+    with pytest.raises(queue.Full):
+        provider_queue.put(b"y" * 100, block=False)  # spooled: its spool copy is removed
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_file_refuses_a_symbolic_link(tmp_path: Path) -> None:
+    (tmp_path / "real").write_bytes(b"data")
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    assert read_file(str(tmp_path / "real"), 0) == b"data"
+    message = r"^cannot read .*/link: Too many levels of symbolic links$"
+    with pytest.raises(ItemError, match=message):
+        read_file(str(tmp_path / "link"), 0)
