@@ -459,7 +459,9 @@ def daemon_main(argv: Optional[Sequence[str]] = None) -> int:
             print("configuration OK")
             return EX_OK
         from .daemon import run_daemon  # imported late: the daemon pulls in much more
+        from .pid1 import become_reaper_if_pid1
 
+        become_reaper_if_pid1()  # in a container without an init, someone must reap orphans
         return run_daemon(stoq)
     except _Exit as error:
         return _report(error)

@@ -419,10 +419,6 @@ def test_health_check_fails_while_a_provider_is_fatal(container_work: Path) -> N
 
 
 @needs_namespaces
-@pytest.mark.xfail(
-    strict=True,  # passes once stoqd reaps as PID 1; then this marker must go
-    reason="stoqd as PID 1 does not reap orphans yet (deploy engineer's report: stoqd/pid1.py)",
-)
 def test_pid1_reaps_orphans(container_work: Path) -> None:
     config_dir = container_work / "etc"
     config_dir.mkdir()
