@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import signal
 from typing import Any, Dict
 
@@ -25,6 +26,10 @@ def prepare(proc: str, settings: Dict[str, Any]) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass
+    # Only the supervisor speaks systemd's notify protocol; a plugin that calls sd_notify
+    # must not report READY or feed the watchdog on the daemon's behalf.
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        os.environ.pop(name, None)
     logs.setup(proc, settings.get("log_level", "INFO"), settings.get("log_syntax", "auto"))
     logging.captureWarnings(True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -238,3 +239,42 @@ def test_live_daemon_speaks_the_protocol(short_dir: Path) -> None:
         sock.close()
     # NotifyAccess=main: only the supervisor itself may speak, never a child.
     assert pids == {daemon.pid}
+
+
+_ENV_PROBE_PY = """\
+import os
+
+from stoq import Payload, PayloadMeta
+from stoq.plugins import ProviderPlugin
+
+
+class EnvProbe(ProviderPlugin):
+    def ingest(self, queue):
+        names = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+        seen = {name: os.environ.get(name, "unset") for name in names}
+        queue.put(Payload(b"probe", PayloadMeta(extra_data=seen)))
+"""
+
+
+def test_children_do_not_inherit_the_notify_socket(short_dir: Path) -> None:
+    """A plugin calling sd_notify must not speak for the daemon (READY, WATCHDOG)."""
+    config = held_config(short_dir, count=0)
+    plugin = short_dir / "plugins" / "envprobe"
+    plugin.mkdir()
+    (plugin / "envprobe.stoq").write_text("[Core]\nName = envprobe\nModule = envprobe\n")
+    (plugin / "envprobe.py").write_text(_ENV_PROBE_PY)
+    config.write_text(config.read_text().replace("providers = heldprov", "providers = envprobe"))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(short_dir / "notify.sock"))
+    env = {"NOTIFY_SOCKET": str(short_dir / "notify.sock"), "WATCHDOG_USEC": "1000000"}
+    daemon = Daemon(config, env=env)
+    try:
+        assert daemon.wait_exit(30) == 0, daemon.log()
+    finally:
+        daemon.close()
+        sock.close()
+    (result,) = [
+        json.loads(line) for line in (short_dir / "results.jsonl").read_text().splitlines()
+    ]
+    seen = result["results"][0]["payload_meta"]["extra_data"]
+    assert seen == {"NOTIFY_SOCKET": "unset", "WATCHDOG_USEC": "unset", "WATCHDOG_PID": "unset"}
