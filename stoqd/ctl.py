@@ -65,14 +65,53 @@ def _duration(seconds: Optional[float]) -> str:
     return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
+# What the shipped providers report that an operator looks for first; every statistic
+# is shown by `stoqctl status NAME` and `--json`.
+HEADLINE_STATS = (
+    "connection",
+    "acknowledgement",
+    "backlog",
+    "oldest_age",
+    "in_flight",
+    "received",
+    "acked",
+    "nacked",
+    "dead_lettered",
+    "dropped",
+    "lag",
+)
+
+
+def _headline(key: str, value: Any) -> str:
+    if key == "acknowledgement" and isinstance(value, str):
+        value = value.split(":")[0]  # "none: ZeroMQ has no ..." -> "none"
+    elif isinstance(value, float):
+        value = f"{value:.1f}"
+    return f"{key}={value}"
+
+
 def _provider_info(p: Dict[str, Any]) -> str:
     parts: List[str] = []
     if p.get("next_retry_in") is not None:
         parts.append(f"retry in {p['next_retry_in']:.1f}s")
     if p.get("last_error"):
         parts.append(f"error: {p['last_error']}")
-    parts += [f"{k}={v}" for k, v in (p.get("stats") or {}).items()]
+    stats = p.get("stats") or {}
+    headline = [key for key in HEADLINE_STATS if key in stats]
+    # A provider of one's own, reporting none of the well-known figures, shows all it says.
+    parts += [_headline(key, stats[key]) for key in headline or stats]
     return ", ".join(parts)
+
+
+def render_provider(status: Dict[str, Any], name: str) -> Optional[str]:
+    """Everything known about one provider, one ``key: value`` per line; None if unknown."""
+    for p in status["providers"]:
+        if p["name"] == name:
+            fields = {k: v for k, v in p.items() if k != "stats"}
+            fields.update(p.get("stats") or {})
+            width = max(len(key) for key in fields)
+            return "\n".join(f"{key.ljust(width)}  {value}" for key, value in fields.items())
+    return None
 
 
 def _table(rows: List[List[str]]) -> str:
@@ -131,6 +170,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     status_parser = sub.add_parser("status", help="providers, workers and the queue")
     status_parser.add_argument("--json", action="store_true", help="machine-readable output")
+    status_parser.add_argument("provider", nargs="?", help="show every statistic of one provider")
     for verb in ("start", "stop", "restart"):
         sub.add_parser(verb, help=f"{verb} a provider").add_argument("name")
     sub.add_parser("shutdown", help="stop stoqd gracefully")
@@ -156,9 +196,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(answer.get("message", "ok"))
         return EXIT_OK
     status = answer["status"]
+    if args.provider:
+        return _show_provider(status, args.provider, args.json)
     print(json.dumps(status, indent=2) if args.json else render(status))
     fatal = any(p["state"] == "FATAL" for p in status["providers"])
     return EXIT_FATAL if fatal else EXIT_OK
+
+
+def _show_provider(status: Dict[str, Any], name: str, as_json: bool) -> int:
+    """``stoqctl status NAME``: one provider in full; exit 3 if it is FATAL."""
+    found = [p for p in status["providers"] if p["name"] == name]
+    if not found:
+        known = ", ".join(p["name"] for p in status["providers"]) or "none"
+        print(f"stoqctl: no provider named {name!r} (running: {known})", file=sys.stderr)
+        return EXIT_REFUSED
+    print(json.dumps(found[0], indent=2) if as_json else render_provider(status, name))
+    return EXIT_FATAL if found[0]["state"] == "FATAL" else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -85,6 +85,15 @@ def test_status_shows_a_table_for_people_and_json_for_machines(
     assert source["stats"] == {"put": 3, "prefix": "item"}  # what it published with report()
     assert status["queue"] == {"depth": 0, "max": 100, "in_flight": 0}
 
+    detail = stoqctl("-s", str(daemon.socket), "status", "source")
+    assert detail.returncode == 0, detail.stderr
+    fields = dict(line.split(None, 1) for line in detail.stdout.splitlines())
+    assert (fields["name"], fields["state"], fields["saved"]) == ("source", "EXHAUSTED", "3")
+    assert fields["prefix"] == "item"  # its own statistics, beside the daemon's
+    unknown = stoqctl("-s", str(daemon.socket), "status", "nosuch")
+    assert unknown.returncode == 1
+    assert unknown.stderr == "stoqctl: no provider named 'nosuch' (running: hang, source)\n"
+
 
 def test_stoqctl_finds_the_socket_from_the_config_file(make_run: Callable[..., Run]) -> None:
     run = make_run({"core": {"providers": "hang"}})
