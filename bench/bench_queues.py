@@ -15,7 +15,14 @@ the clock runs from the first message consumed (bare) or the provider's first ``
 (stoqd) to the last ack or save, read from ``stoqctl status`` over the control socket
 every 50 ms. Files live on tmpfs (/dev/shm). Numbers are printed, never asserted.
 
-Run: ``.venv/bin/python bench/bench_queues.py [--messages N] [--size S] [--only NAME]``.
+Over the same interval the CPU time of each process is read from ``/proc/PID/stat`` and
+printed per role, in microseconds per message: the daemon's supervisor, provider and
+workers, the broker (RabbitMQ's Erlang VM) and, for the bare client, this script itself.
+With ``--repeat N`` each source runs N times and the run with the median stoqd rate is
+shown.
+
+Run: ``.venv/bin/python bench/bench_queues.py [--messages N] [--size S] [--only NAME]
+[--repeat N]``.
 """
 
 from __future__ import annotations
@@ -23,13 +30,15 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
+import resource
 import shutil
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the broker fixtures' classes, without pytest
@@ -40,6 +49,76 @@ from stoqd.testing import Daemon, write_config  # noqa: E402
 PREFETCH = 200
 WORKERS = 2
 RAM = "/dev/shm" if os.path.isdir("/dev/shm") else None
+TICK = os.sysconf("SC_CLK_TCK")
+
+CpuRoles = Dict[str, float]  # role -> CPU microseconds per message
+
+
+@dataclass
+class Measured:
+    """One source's numbers: messages/s and CPU per message by role, bare and stoqd."""
+
+    bare: float
+    stoqd: float
+    bare_cpu: CpuRoles = field(default_factory=dict)
+    stoqd_cpu: CpuRoles = field(default_factory=dict)
+
+
+def cpu_seconds(pid: int) -> Optional[float]:
+    """User + system CPU seconds of process ``pid`` (all its threads), or None if gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()  # the command name may hold spaces
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def self_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def snapshot(pids: Dict[int, str]) -> Dict[int, float]:
+    return {pid: cpu for pid in pids if (cpu := cpu_seconds(pid)) is not None}
+
+
+def per_message(pids: Dict[int, str], before: Dict[int, float], after: Dict[int, float],
+                count: int) -> CpuRoles:  # fmt: skip
+    """CPU microseconds per message by role between two snapshots."""
+    roles: CpuRoles = {}
+    for pid, role in pids.items():
+        if pid in before and pid in after:
+            roles[role] = roles.get(role, 0.0) + (after[pid] - before[pid]) * 1e6 / count
+    return roles
+
+
+def daemon_roles(daemon: Daemon, others: Dict[int, str]) -> Dict[int, str]:
+    """Pid -> role for the daemon's processes (from its status) and ``others``."""
+    snap = status(daemon)
+    pids = {daemon.pid: "supervisor", **others}
+    for provider in snap.get("providers", []):
+        if provider.get("pid"):
+            pids[int(provider["pid"])] = "provider"
+    for worker in snap.get("workers", []):
+        if worker.get("pid"):
+            pids[int(worker["pid"])] = "workers"
+    return pids
+
+
+def broker_pids(pid_file: Path) -> Dict[int, str]:
+    try:
+        return {int(pid_file.read_text().strip()): "broker"}
+    except (OSError, ValueError):
+        return {}
+
+
+def format_cpu(roles: CpuRoles) -> str:
+    order = ["supervisor", "provider", "workers", "broker", "bench (bare client)"]
+    names = [r for r in order if r in roles] + sorted(set(roles) - set(order))
+    total = sum(roles.values())
+    cells = ", ".join(f"{name} {roles[name]:,.0f}" for name in names)
+    return f"{cells}; total {total:,.0f}"
 
 
 def status(daemon: Daemon) -> Dict[str, Any]:
@@ -55,8 +134,10 @@ def provider_stats(daemon: Daemon, name: str) -> Dict[str, Any]:
 
 
 def run_daemon(name: str, options: Dict[str, Any], count: int, counter: str,
-               feed: Optional[Callable[[], None]] = None) -> float:  # fmt: skip
-    """Messages/s of stoqd consuming ``count`` messages with provider ``name``."""
+               feed: Optional[Callable[[], None]] = None,
+               others: Optional[Dict[int, str]] = None) -> Tuple[float, CpuRoles]:  # fmt: skip
+    """Messages/s of stoqd consuming ``count`` messages with provider ``name``, and the
+    CPU per message of its processes (and of ``others``, pid -> role) meanwhile."""
     root = Path(tempfile.mkdtemp(prefix="stoqd-bq-", dir=RAM))
     config = write_config(root, {
         "core": {"providers": name, "connectors": "jsonl", "always_dispatch": "hash",
@@ -69,6 +150,8 @@ def run_daemon(name: str, options: Dict[str, Any], count: int, counter: str,
     daemon = Daemon(config)
     try:
         first: Optional[float] = None
+        pids: Dict[int, str] = {}
+        before: Dict[int, float] = {}
         deadline = time.monotonic() + 600
         feeder: Optional[threading.Thread] = None
         while time.monotonic() < deadline:
@@ -84,9 +167,12 @@ def run_daemon(name: str, options: Dict[str, Any], count: int, counter: str,
             done = stats.get(counter) or 0
             if first is None and (stats.get("received") or 0) > 0:
                 first = time.monotonic()
+                pids = daemon_roles(daemon, others or {})
+                before = snapshot(pids)
             if done >= count:
                 assert first is not None
-                return count / (time.monotonic() - first)
+                rate = count / (time.monotonic() - first)
+                return rate, per_message(pids, before, snapshot(pids), count)
             time.sleep(0.05)
         raise RuntimeError(f"{name}: timed out; last stats {stats}")
     finally:
@@ -97,7 +183,7 @@ def run_daemon(name: str, options: Dict[str, Any], count: int, counter: str,
 # -- RabbitMQ ---------------------------------------------------------------------------
 
 
-def bench_rabbitmq(count: int, size: int) -> Tuple[float, float]:
+def bench_rabbitmq(count: int, size: int) -> Measured:
     import pika
     from services import RabbitNode
 
@@ -122,26 +208,32 @@ def bench_rabbitmq(count: int, size: int) -> Tuple[float, float]:
                                           pika.BasicProperties(message_id=str(number)))  # fmt: skip
 
         fill("bare")
+        broker = broker_pids(node.pid_file)
         with pika.BlockingConnection(params) as link:
             channel = link.channel()
             channel.basic_qos(prefetch_count=PREFETCH)
             seen = 0
             started = 0.0
+            before, mine = {}, 0.0
             for method, _, _ in channel.consume("bare", inactivity_timeout=30):
                 if method is None:
                     raise RuntimeError("bare consumer: queue ran dry")
                 if seen == 0:
                     started = time.monotonic()
+                    before, mine = snapshot(broker), self_cpu()
                 channel.basic_ack(method.delivery_tag)
                 seen += 1
                 if seen == count:
                     break
             bare = count / (time.monotonic() - started)
+            bare_cpu = per_message(broker, before, snapshot(broker), count)
+            bare_cpu["bench (bare client)"] = (self_cpu() - mine) * 1e6 / count
             channel.cancel()
         fill("stoqd")
         options = {"host": "127.0.0.1", "port": node.port, "queue": "stoqd",
                    "prefetch": PREFETCH}  # fmt: skip
-        return bare, run_daemon("rabbitmq", options, count, "acked")
+        stoqd, stoqd_cpu = run_daemon("rabbitmq", options, count, "acked", others=broker)
+        return Measured(bare, stoqd, bare_cpu, stoqd_cpu)
     finally:
         node.close()
         shutil.rmtree(base, ignore_errors=True)
@@ -150,7 +242,7 @@ def bench_rabbitmq(count: int, size: int) -> Tuple[float, float]:
 # -- Pub/Sub emulator -------------------------------------------------------------------
 
 
-def bench_pubsub(count: int, size: int) -> Tuple[float, float]:
+def bench_pubsub(count: int, size: int) -> Measured:
     from services import PubsubEmulator
 
     base = Path(tempfile.mkdtemp(prefix="stoqd-bq-pubsub-", dir="/tmp"))
@@ -199,7 +291,8 @@ def bench_pubsub(count: int, size: int) -> Tuple[float, float]:
         future.cancel()
         fill("stoqd")
         options = {"project_id": "bench", "subscription": "sub-stoqd", "max_messages": PREFETCH}
-        return bare, run_daemon("pubsub", options, count, "acked")
+        stoqd, stoqd_cpu = run_daemon("pubsub", options, count, "acked")
+        return Measured(bare, stoqd, stoqd_cpu=stoqd_cpu)
     finally:
         emulator.close()
         shutil.rmtree(base, ignore_errors=True)
@@ -208,7 +301,7 @@ def bench_pubsub(count: int, size: int) -> Tuple[float, float]:
 # -- ZeroMQ -----------------------------------------------------------------------------
 
 
-def bench_zmq(count: int, size: int) -> Tuple[float, float]:
+def bench_zmq(count: int, size: int) -> Measured:
     import zmq
 
     context = zmq.Context()
@@ -236,18 +329,42 @@ def bench_zmq(count: int, size: int) -> Tuple[float, float]:
         bare = count / (time.monotonic() - started)
         pull.close()
         endpoint = f"ipc://{base}/stoqd.sock"
-        stoqd = run_daemon("zmq", {"endpoint": endpoint}, count, "saved", feed=sender(endpoint))
-        return bare, stoqd
+        stoqd, stoqd_cpu = run_daemon("zmq", {"endpoint": endpoint}, count, "saved",
+                                      feed=sender(endpoint))  # fmt: skip
+        return Measured(bare, stoqd, stoqd_cpu=stoqd_cpu)
     finally:
         context.destroy(linger=0)
         shutil.rmtree(base, ignore_errors=True)
 
 
-BENCHES: Dict[str, Callable[[int, int], Tuple[float, float]]] = {
+BENCHES: Dict[str, Callable[[int, int], Measured]] = {
     "rabbitmq": bench_rabbitmq,
     "pubsub": bench_pubsub,
     "zmq": bench_zmq,
 }
+
+
+def load_average() -> str:
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def measure(name: str, count: int, size: int, repeat: int) -> Measured:
+    """Run one source ``repeat`` times; the run with the median stoqd rate."""
+    runs: List[Measured] = []
+    for number in range(1, repeat + 1):
+        run = BENCHES[name](count, size)
+        runs.append(run)
+        print(f"  {name} run {number}: bare {run.bare:,.0f} msg/s, "
+              f"stoqd {run.stoqd:,.0f} msg/s ({run.stoqd / run.bare:.0%}); "
+              f"load average {load_average()}", flush=True)  # fmt: skip
+    return sorted(runs, key=lambda run: run.stoqd)[(len(runs) - 1) // 2]
+
+
+def cpu_lines(name: str, run: Measured) -> Iterable[str]:
+    if run.bare_cpu:
+        yield f"  {name} bare:  {format_cpu(run.bare_cpu)}"
+    if run.stoqd_cpu:
+        yield f"  {name} stoqd: {format_cpu(run.stoqd_cpu)}"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -256,18 +373,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--only", choices=sorted(BENCHES), action="append")
     parser.add_argument("--quick", action="store_true", help="2,000 messages")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per source; the median stoqd rate is shown")  # fmt: skip
     args = parser.parse_args(argv)
     count = 2_000 if args.quick else args.messages
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"{count} messages of {args.size} bytes; prefetch/flow control {PREFETCH}; "
           f"{WORKERS} workers; hash (sha256) -> jsonl on tmpfs; {os.cpu_count()} cores; "
-          f"load average {load}")  # fmt: skip
+          f"load average {load_average()}")  # fmt: skip
     rows = []
+    cpu: List[str] = []
     failed = False
     for name in args.only or list(BENCHES):
         try:
-            bare, stoqd = BENCHES[name](count, args.size)
-            rows.append((name, f"{bare:,.0f}", f"{stoqd:,.0f}", f"{stoqd / bare:.0%}"))
+            run = measure(name, count, args.size, max(1, args.repeat))
+            rows.append((name, f"{run.bare:,.0f}", f"{run.stoqd:,.0f}",
+                         f"{run.stoqd / run.bare:.0%}"))  # fmt: skip
+            cpu.extend(cpu_lines(name, run))
         except Exception as exc:  # one source failing does not hide the others' numbers
             failed = True
             rows.append((name, "error", "error", f"{type(exc).__name__}: {exc}"[:120]))
@@ -276,6 +397,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(4)]
     for row in [header, *rows]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
+    if cpu:
+        print("CPU microseconds per message by process role, over the measured interval:")
+        print("\n".join(cpu))
+    print(f"load average at the end {load_average()}")
     return 1 if failed else 0
 
 
