@@ -18,7 +18,9 @@ import shutil
 import signal
 import socket
 import time
+from bisect import bisect_left
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, List, Optional
 
 from . import backoff, logs
@@ -30,7 +32,7 @@ from .control.protocol import ControlError
 from .framework.core import Stoq
 from .providerproc import provider_main
 from .states import Event, State, next_state
-from .wire import Channel
+from .wire import Channel, with_members
 from .workers import worker_main
 from .workqueue import FAILED, NOT_DONE, SAVED, new_spool_dir
 
@@ -39,6 +41,24 @@ RSS_CHECK_EVERY = 5.0
 HISTOGRAM_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 300.0)
 
 log = logs.get("stoqd.supervisor")
+
+
+@dataclass
+class ForwardedItem(Item):
+    """An item with its provider's header as it arrived, passed on to a worker as is.
+
+    The supervisor reads a few members of that header (id, kind, path, cb) but changes
+    none, so a worker gets the provider's bytes with only ``seq`` appended rather than
+    a header decoded and encoded again.
+    """
+
+    raw_header: bytes = b""
+
+    def frame_bytes(self) -> Optional[bytes]:
+        """The header for a worker, or None when it must be built (``frame``)."""
+        if self.fail is not None or not self.raw_header:
+            return None
+        return with_members(self.raw_header, {"seq": self.seq})
 
 
 class Supervisor:
@@ -217,19 +237,19 @@ class Supervisor:
 
     def _on_provider_readable(self, handle: ProviderHandle) -> None:
         assert handle.channel is not None
-        messages = handle.channel.receive()
-        if messages is None:
+        frames = handle.channel.receive_frames()
+        if frames is None:
             self._unregister(handle.channel)
             return
-        for header, body in messages:
-            self._on_provider_message(handle, header, body)
+        for header, raw, body in frames:
+            self._on_provider_message(handle, header, body, raw)
 
     def _on_provider_message(
-        self, handle: ProviderHandle, header: Dict[str, Any], body: bytes
+        self, handle: ProviderHandle, header: Dict[str, Any], body: bytes, raw: bytes = b""
     ) -> None:
         kind = header.get("t")
         if kind == "item":
-            self._enqueue(handle, header, body)
+            self._enqueue(handle, header, body, raw)
         elif kind == "ready":
             handle.state = next_state(handle.state, Event.READY)
             handle.ready_at = time.monotonic()
@@ -243,11 +263,15 @@ class Supervisor:
         elif kind in ("boot_failed", "crashed"):
             handle.last_error = str(header.get("error"))
 
-    def _enqueue(self, handle: ProviderHandle, header: Dict[str, Any], body: bytes) -> None:
+    def _enqueue(
+        self, handle: ProviderHandle, header: Dict[str, Any], body: bytes, raw: bytes
+    ) -> None:
         self.next_seq += 1
         item_id = int(header.pop("id"))
         header.pop("t", None)
-        item = Item(self.next_seq, handle.name, handle.generation, item_id, header, body)
+        item = ForwardedItem(
+            self.next_seq, handle.name, handle.generation, item_id, header, body, raw_header=raw
+        )
         self.items[item.seq] = item
         self.queue.append(item.seq)
         handle.credits = max(0, handle.credits - 1)
@@ -440,14 +464,14 @@ class Supervisor:
         worker.assigned.clear()
 
     def _dispatch(self, now: float) -> None:
-        while self.queue:
-            idle = [
-                w
-                for w in self.workers.values()
-                if w.ready and not w.retiring and len(w.assigned) < PREFETCH
-            ]
-            if not idle:
-                return
+        if not self.queue:
+            return
+        idle = [
+            w
+            for w in self.workers.values()
+            if w.ready and not w.retiring and len(w.assigned) < PREFETCH
+        ]
+        while self.queue and idle:
             worker = min(idle, key=lambda w: len(w.assigned))
             seq = self.queue.popleft()
             item = self.items[seq]
@@ -456,8 +480,14 @@ class Supervisor:
             if not worker.assigned:
                 worker.current_since = now
             worker.assigned.append(seq)
+            if len(worker.assigned) >= PREFETCH:
+                idle.remove(worker)
             assert worker.channel is not None
-            worker.channel.send(item.frame(), item.body)
+            raw = item.frame_bytes() if isinstance(item, ForwardedItem) else None
+            if raw is None:
+                worker.channel.send(item.frame(), item.body)
+            else:
+                worker.channel.send_raw(raw, item.body)
 
     def _enforce_time_limits(self, now: float) -> None:
         limit = self.daemon["scan_timeout"]
@@ -522,20 +552,20 @@ class Supervisor:
 
     def _record_timings(self, timings: Dict[str, float]) -> None:
         for plugin, seconds in timings.items():
-            histogram = self.scan_seconds.setdefault(
-                plugin,
-                {
+            histogram = self.scan_seconds.get(plugin)
+            if histogram is None:
+                histogram = self.scan_seconds[plugin] = {
                     "buckets": list(HISTOGRAM_BUCKETS),
                     "counts": [0] * len(HISTOGRAM_BUCKETS),
                     "sum": 0.0,
                     "count": 0,
-                },
-            )
+                }
             histogram["sum"] += seconds
             histogram["count"] += 1
-            for index, bound in enumerate(HISTOGRAM_BUCKETS):
-                if seconds <= bound:
-                    histogram["counts"][index] += 1
+            counts = histogram["counts"]
+            # Cumulative buckets: every bound from the first one >= seconds counts it.
+            for index in range(bisect_left(HISTOGRAM_BUCKETS, seconds), len(counts)):
+                counts[index] += 1
 
     # -- outcomes ---------------------------------------------------------------------
 

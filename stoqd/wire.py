@@ -32,6 +32,8 @@ MAX_BODY = 1 << 30
 RECEIVE_SIZE = 64 << 10
 
 Message = Tuple[Dict[str, Any], bytes]
+# A message with its header as it arrived, for passing on without re-encoding it.
+Frame = Tuple[Dict[str, Any], bytes, bytes]
 Buffer = Union[bytes, bytearray, memoryview]
 
 _encoder = json.JSONEncoder(separators=(",", ":"))
@@ -56,18 +58,19 @@ def encode(header: Dict[str, Any], body: Buffer = b"") -> bytes:
     return frame(encode_header(header), body)
 
 
-def with_members(members: Dict[str, Any], raw_header: bytes) -> bytes:
-    """``raw_header`` (an encoded JSON object) with ``members`` added in front.
+def with_members(raw_header: bytes, members: Dict[str, Any]) -> bytes:
+    """``raw_header`` (an encoded JSON object) with ``members`` appended.
 
-    Lets a header be passed on without decoding and re-encoding all of it: the caller
-    must know that none of ``members``' keys is already in ``raw_header``.
+    Lets a header be passed on without decoding and re-encoding all of it. A key of
+    ``members`` already in ``raw_header`` is then in the text twice; JSON decoders
+    (Python's among them) keep the last, so ``members`` win.
     """
-    head = encode_header(members)
+    tail = encode_header(members)
     if raw_header == b"{}":
-        return head
-    if head == b"{}":
+        return tail
+    if tail == b"{}":
         return raw_header
-    return b"".join((head[:-1], b",", raw_header[1:]))
+    return b"".join((raw_header[:-1], b",", tail[1:]))
 
 
 def decode_header(raw: Buffer) -> Dict[str, Any]:
@@ -92,6 +95,10 @@ class Decoder:
 
     def feed(self, data: Buffer) -> List[Message]:
         """Frames completed by ``data``; ``data`` is not kept and may be reused after."""
+        return [(header, body) for header, _, body in self.feed_frames(data)]
+
+    def feed_frames(self, data: Buffer) -> List[Frame]:
+        """``feed``, with each header's raw bytes as well."""
         if not self._buffer:
             # The usual case: frames are parsed straight from ``data``, and only an
             # incomplete tail is copied.
@@ -106,9 +113,9 @@ class Decoder:
         return messages
 
 
-def _split(data: Buffer) -> Tuple[List[Message], int]:
+def _split(data: Buffer) -> Tuple[List[Frame], int]:
     """The complete frames at the start of ``data`` and how many bytes they take."""
-    messages: List[Message] = []
+    messages: List[Frame] = []
     offset = 0
     size = len(data)
     with memoryview(data) as view:
@@ -120,8 +127,8 @@ def _split(data: Buffer) -> Tuple[List[Message], int]:
             end = start + header_len + body_len
             if size < end:
                 break
-            header = decode_header(view[start : start + header_len])
-            messages.append((header, bytes(view[start + header_len : end])))
+            raw = bytes(view[start : start + header_len])
+            messages.append((decode_header(raw), raw, bytes(view[start + header_len : end])))
             offset = end
     return messages, offset
 
@@ -176,9 +183,16 @@ class Channel:
 
     def receive(self) -> Optional[List[Message]]:
         """Frames now readable; None when the peer has gone (EOF or error)."""
+        frames = self.receive_frames()
+        if frames is None:
+            return None
+        return [(header, body) for header, _, body in frames]
+
+    def receive_frames(self) -> Optional[List[Frame]]:
+        """``receive``, with each header's raw bytes as well."""
         if self.closed:
             return None
-        messages: List[Message] = []
+        messages: List[Frame] = []
         chunk = self._chunk
         while True:
             try:
@@ -193,7 +207,7 @@ class Channel:
                 return messages or None
             try:
                 with memoryview(chunk) as view:
-                    messages += self._decoder.feed(view[:count])
+                    messages += self._decoder.feed_frames(view[:count])
             except ProtocolError:
                 # A child that writes garbage is treated like one that died.
                 self.close()
