@@ -13,7 +13,6 @@ pushed through the socket, so memory is bounded by configuration, not by file si
 
 from __future__ import annotations
 
-import json
 import os
 import queue as stdlib_queue
 import stat
@@ -26,7 +25,7 @@ from typing import Any, Callable, Dict, NoReturn, Optional, Union
 
 from .framework.data import Payload, PayloadMeta, RequestMeta
 from .framework.helpers import dumps
-from .wire import Endpoint
+from .wire import Endpoint, with_members
 
 SAVED = "saved"
 FAILED = "failed"
@@ -50,24 +49,17 @@ DoneCallback = Callable[[Outcome], None]
 
 
 def _meta_dict(meta: PayloadMeta) -> Dict[str, Any]:
-    # Round-trip through stoqd's JSON encoder so odd extra_data (bytes, sets) is made
-    # JSON here, where the provider can see the error, not in the supervisor.
-    return json.loads(
-        dumps(
-            {
-                "should_archive": meta.should_archive,
-                "extra_data": meta.extra_data,
-                "dispatch_to": meta.dispatch_to,
-            },
-            compactly=True,
-        )
-    )
+    return {
+        "should_archive": meta.should_archive,
+        "extra_data": meta.extra_data,
+        "dispatch_to": meta.dispatch_to,
+    }
 
 
-def _request_dict(request_meta: Optional[RequestMeta]) -> Optional[Dict[str, Any]]:
-    if request_meta is None:
-        return None
-    return json.loads(dumps(request_meta, compactly=True))  # type: ignore[no-any-return]
+def _encode(header: Dict[str, Any]) -> bytes:
+    # stoqd's JSON encoder makes odd extra_data (bytes, sets, objects) JSON here, where
+    # the provider sees any error, not in the supervisor; one pass, nothing decoded.
+    return dumps(header, compactly=True).encode()
 
 
 class ProviderQueue:
@@ -99,9 +91,10 @@ class ProviderQueue:
     ) -> None:
         """Queue a payload or a reference; blocks while the daemon's queue is full."""
         if isinstance(item, (bytes, bytearray, memoryview)):
-            item = Payload(bytes(item))
-        if isinstance(item, Payload):
-            header, body = self._payload_frame(item)
+            # Not wrapped in a Payload: its id would be thrown away, the worker makes its own.
+            header, body = self._content_frame(bytes(item), None)
+        elif isinstance(item, Payload):
+            header, body = self._content_frame(item.content, item.payload_meta)
         elif isinstance(item, (str, dict)):
             header, body = {"kind": "ref", "ref": item}, b""
         else:
@@ -130,7 +123,7 @@ class ProviderQueue:
 
     def report(self, **stats: Any) -> None:
         """Publish provider statistics (JSON values) to ``stoqctl status``."""
-        self._endpoint.send({"t": "stats", "stats": json.loads(dumps(stats, compactly=True))})
+        self._endpoint.send_raw(_encode({"t": "stats", "stats": stats}))
 
     def qsize(self) -> int:
         """Items put with a ``done`` callback and not yet reported back."""
@@ -144,9 +137,10 @@ class ProviderQueue:
 
     # -- internals ------------------------------------------------------------------
 
-    def _payload_frame(self, payload: Payload) -> tuple[Dict[str, Any], bytes]:
-        header: Dict[str, Any] = {"meta": _meta_dict(payload.payload_meta)}
-        content = payload.content
+    def _content_frame(
+        self, content: bytes, meta: Optional[PayloadMeta]
+    ) -> tuple[Dict[str, Any], bytes]:
+        header: Dict[str, Any] = {"meta": _meta_dict(meta or PayloadMeta())}
         if len(content) <= self._inline_max:
             header["kind"] = "bytes"
             return header, bytes(content)
@@ -169,6 +163,14 @@ class ProviderQueue:
         done: Optional[DoneCallback],
         request_meta: Optional[RequestMeta],
     ) -> None:
+        if request_meta is not None:
+            header["request"] = request_meta
+        try:
+            # Encoded before a credit is taken: an item that cannot be encoded costs none.
+            raw = _encode(header)
+        except BaseException:
+            self._drop_spool(header)
+            raise
         if self.stopping.is_set():
             # No new work during shutdown: the item stays with its source. A blocking put
             # waits for the SIGTERM that follows; a bounded one reports the queue full.
@@ -184,21 +186,21 @@ class ProviderQueue:
                 self._callbacks[item_id] = done
                 with self._idle:
                     self._pending += 1
-        header["t"] = "item"
-        header["id"] = item_id
+        members: Dict[str, Any] = {"t": "item", "id": item_id}
         if done is not None:
-            header["cb"] = True  # only then is the outcome sent back
-        request = _request_dict(request_meta)
-        if request is not None:
-            header["request"] = request
-        self._endpoint.send(header, body)
+            members["cb"] = True  # only then is the outcome sent back
+        self._endpoint.send_raw(with_members(raw, members), body)
         self.put_count += 1
 
     def _refuse(self, header: Dict[str, Any]) -> NoReturn:
         """The item does not enter the queue: drop its spool copy, tell the caller."""
+        self._drop_spool(header)
+        raise stdlib_queue.Full
+
+    @staticmethod
+    def _drop_spool(header: Dict[str, Any]) -> None:
         if header.get("kind") == "spool":
             _unlink_quietly(header["path"])
-        raise stdlib_queue.Full
 
     def on_message(self, header: Dict[str, Any]) -> None:
         """Called by the reader thread for each message from the supervisor."""
@@ -277,7 +279,10 @@ def read_file(path: str, max_size: int) -> bytes:
 
 
 def load_payload(
-    header: Dict[str, Any], body: bytes, max_size: int, resolve: Callable[[Any], Payload]
+    header: Dict[str, Any],
+    body: bytes,
+    max_size: int,
+    resolve: Callable[[Any], Payload],
 ) -> Payload:
     """Turn an item back into a payload: inline bytes, a spooled or local file, a reference."""
     kind = header.get("kind")
