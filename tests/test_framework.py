@@ -489,14 +489,17 @@ def test_scan_saves_bytes_through_connectors(make, tmp_path: Path) -> None:
 
 
 def test_resolve_dict_reference(make) -> None:
-    payload = make().resolve({"fw_archiver": {"id": "abc"}})
+    payload = make(source_archivers=["fw_archiver"]).resolve({"fw_archiver": {"id": "abc"}})
     assert payload.content == b"content of abc"
     assert payload.payload_meta.extra_data == {"archiver": {"fw_archiver": {"id": "abc"}}}
 
 
 def test_resolve_json_text_reference(make, tmp_path: Path) -> None:
     (tmp_path / get_sha1(b"stored")).write_bytes(b"stored")
-    stoq = make(plugin_opts={"example_archiver": {"archive_dir": str(tmp_path)}})
+    stoq = make(
+        source_archivers=["example_archiver"],
+        plugin_opts={"example_archiver": {"archive_dir": str(tmp_path)}},
+    )
     reference = json.dumps({"example_archiver": {"sha1": get_sha1(b"stored")}})
     assert stoq.resolve(reference).content == b"stored"
 
@@ -523,7 +526,19 @@ def test_resolve_plain_text_goes_to_each_source_archiver(make) -> None:
         ),
         ({}, '{"fw_archiver": 3}', 'reference must be {"ARCHIVER": {...}}'),
         (
-            {},
+            {},  # a message may not pick any installed plugin
+            {"fw_archiver": {"id": "abc"}},
+            "reference names archiver 'fw_archiver', which is not in [core] source_archivers "
+            "(none configured)",
+        ),
+        (
+            {"source_archivers": ["example_archiver"]},
+            {"fw_archiver": {"id": "abc"}},
+            "reference names archiver 'fw_archiver', which is not in [core] source_archivers "
+            "(example_archiver)",
+        ),
+        (
+            {"source_archivers": ["fw_archiver"]},
             {"fw_archiver": {"id": "missing"}},
             "no source archiver resolved the reference: fw_archiver returned NoneType",
         ),
@@ -537,12 +552,15 @@ def test_resolve_errors(make, kwargs: dict, reference: Any, message: str) -> Non
 
 def test_resolve_with_a_plugin_that_is_not_an_archiver(make) -> None:
     with pytest.raises(StoqPluginException) as caught:
-        make().resolve({"fw_echo": {}})
+        make(source_archivers=["fw_echo"]).resolve({"fw_echo": {}})
     assert str(caught.value) == "plugin fw_echo is not an ArchiverPlugin"
 
 
 def test_archiver_refuses_a_reference_outside_its_root(make, tmp_path: Path) -> None:
-    stoq = make(plugin_opts={"example_archiver": {"archive_dir": str(tmp_path / "a")}})
+    stoq = make(
+        source_archivers=["example_archiver"],
+        plugin_opts={"example_archiver": {"archive_dir": str(tmp_path / "a")}},
+    )
     (tmp_path / "a").mkdir()
     with pytest.raises(StoqPluginException) as caught:
         stoq.resolve({"example_archiver": {"sha1": "../secret"}})

@@ -205,13 +205,22 @@ class Stoq(PluginSource):
 
         A dict (or a JSON text of one) ``{"ARCHIVER": {task}}`` goes to that archiver,
         as in stoQ's two-tier pipelines; any other text goes to each configured source
-        archiver in turn as ``{"path": text}`` until one returns a payload.
+        archiver in turn as ``{"path": text}`` until one returns a payload. A reference
+        comes from a message, so it may only name a configured source archiver: never
+        some other installed plugin.
         """
+        allowed = self.core("source_archivers")
         task = _as_archiver_task(reference)
         if task is not None:
             attempts = list(task.items())
+            for name, _ in attempts:
+                if name not in allowed:
+                    raise StoqException(
+                        f"reference names archiver {name!r}, which is not in [core] "
+                        f"source_archivers ({', '.join(allowed) or 'none configured'})"
+                    )
         else:
-            attempts = [(name, {"path": reference}) for name in self.core("source_archivers")]
+            attempts = [(name, {"path": reference}) for name in allowed]
         if not attempts:
             raise StoqException(
                 f"reference {str(reference)[:200]!r} needs a source archiver; "

@@ -119,6 +119,7 @@ def test_archiving_twice_keeps_one_copy(load, tmp_path):
 def test_dest_archiver_through_stoq_and_resolve(tmp_path):
     stoq = Stoq(
         dest_archivers=["filedir"],
+        source_archivers=["filedir"],
         plugin_opts={"filedir": {"archive_dir": str(tmp_path)}},
     )
     response = stoq.scan(b"kept for later")

@@ -392,7 +392,7 @@ class Run:
         _plugins(self.dir, self.gate)
         self.results = self.dir / "results.jsonl"
         self.config = write_config(self.dir, {
-            "core": {"providers": "rabbitmq", "connectors": "jsonl",
+            "core": {"providers": "rabbitmq", "connectors": "jsonl", "source_archivers": "filedir",
                      "always_dispatch": "gate", "plugin_dir_list": "plugins"},
             "stoqd": {"workers": workers, "backoff_initial": 0.1, "backoff_max": 1,
                       "startretries": 100, "graceful_timeout": 10},
@@ -545,6 +545,7 @@ def test_broker_restart_loses_nothing_and_scans_each_message_once(
     [
         ({"nosucharchiver": {"path": "x"}}, "nosucharchiver"),
         ({"filedir": {"path": "../../../etc/passwd"}}, "outside"),
+        ({"dirmon": {"source_dir": "/"}}, "not in [core] source_archivers (filedir)"),
     ],
 )
 def test_unresolvable_reference_is_retried_then_dead_lettered(
