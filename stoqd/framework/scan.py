@@ -84,7 +84,10 @@ class Scan:
         self.request_meta = request_meta
         self.errors: DefaultDict[str, List[str]] = new_errors()
         self.timings: Dict[str, float] = {}  # plugin name -> seconds spent in it
-        self._seen: Set[str] = set()
+        self._seen: Set[str] = set()  # sha256 of every payload scanned in this request
+        # The root's digest is only needed once something is extracted: most payloads
+        # extract nothing, and hashing a large one costs more than scanning it may.
+        self._unhashed_root: Optional[bytes] = None
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -124,7 +127,7 @@ class Scan:
         """Scan ``root`` and everything extracted from it, breadth first."""
         todo: deque[Tuple[Payload, int]] = deque([(root, 0)])
         results: List[PayloadResults] = []
-        self._seen.add(hashlib.sha256(root.content).hexdigest())
+        self._unhashed_root = root.content
         while todo:
             payload, depth = todo.popleft()
             extracted = self._scan_payload(payload, start_dispatch if depth == 0 else [])
@@ -225,10 +228,11 @@ class Scan:
                     f"extracted {type(item).__name__} without bytes content; skipped"
                 )
                 continue
+            seen = self._seen_digests()
             digest = hashlib.sha256(content).hexdigest()
-            if digest in self._seen:
+            if digest in seen:
                 continue  # already scanned in this request
-            self._seen.add(digest)
+            seen.add(digest)
             meta = getattr(item, "payload_meta", None) or PayloadMeta()
             children.append(
                 Payload(
@@ -239,6 +243,13 @@ class Scan:
                 )
             )
         return children
+
+    def _seen_digests(self) -> Set[str]:
+        """The digests of the payloads already scanned, the root's included."""
+        if self._unhashed_root is not None:
+            self._seen.add(hashlib.sha256(self._unhashed_root).hexdigest())
+            self._unhashed_root = None
+        return self._seen
 
     def _archive(self, payload: Payload) -> None:
         if not (self.request_meta.archive_payloads and payload.payload_meta.should_archive):
