@@ -13,6 +13,9 @@ from stoqd.framework.plugins import WorkerPlugin
 DEFAULT_ALGORITHMS = ["md5", "sha1", "sha256", "sha512"]
 # Variable-length digests need a length argument; they are not offered.
 _ALLOWED = sorted(a for a in hashlib.algorithms_guaranteed if not a.startswith("shake"))
+# hashlib.md5 and friends: a good deal cheaper per call than hashlib.new(name), which
+# matters when the payload is a few KiB and the call is most of the cost.
+_CONSTRUCTORS = {name: getattr(hashlib, name) for name in _ALLOWED}
 # Every hasher is fed the same 256 KiB slice in turn, so the payload is read from memory
 # once and each slice is still in the CPU's L2 cache for the next algorithm. Hashing
 # itself dominates (about 0.3 s for all four over 50 MiB here); this keeps memory
@@ -42,10 +45,17 @@ class HashPlugin(WorkerPlugin):
 
 def digests(content: bytes, algorithms: List[str]) -> Dict[str, str]:
     """Hex digests of ``content`` for each algorithm, reading the bytes once."""
-    hashers = [hashlib.new(name) for name in algorithms]
-    view = memoryview(content)
-    for start in range(0, len(view), _CHUNK):
-        chunk = view[start : start + _CHUNK]
-        for hasher in hashers:
-            hasher.update(chunk)
+    if len(content) <= _CHUNK:  # fits the cache whole: one call per algorithm
+        return {name: _new(name, content).hexdigest() for name in algorithms}
+    hashers = [_new(name) for name in algorithms]
+    with memoryview(content) as view:
+        for start in range(0, len(view), _CHUNK):
+            chunk = view[start : start + _CHUNK]
+            for hasher in hashers:
+                hasher.update(chunk)
     return {name: hasher.hexdigest() for name, hasher in zip(algorithms, hashers, strict=True)}
+
+
+def _new(name: str, data: bytes = b"") -> Any:
+    constructor = _CONSTRUCTORS.get(name)
+    return constructor(data) if constructor is not None else hashlib.new(name, data)
