@@ -436,7 +436,13 @@ def _check_daemon_plugins(stoq: Stoq) -> None:
     if not stoq.core("providers"):
         where = stoq.config.path or "the configuration"
         raise _Exit(EX_CONFIG, [f"{where}: [core] providers: no provider configured"])
-    _load(stoq, stoq.core("providers"), prog="stoqd")
+    from .daemon import preflight
+
+    problems, warnings = preflight(stoq, providers=True)
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    if problems:
+        raise _Exit(EX_CONFIG, problems)
 
 
 def daemon_main(argv: Optional[Sequence[str]] = None) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import configparser
 import difflib
+import grp
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,15 +32,24 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+# A value that is not a number at all says only that (""), without Python's own wording.
+
+
 def _positive_int(value: str) -> int:
-    number = int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError("") from None
     if number < 0:
         raise ValueError("must be 0 or more")
     return number
 
 
 def _positive_float(value: str) -> float:
-    number = float(value)
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError("") from None
     if number < 0:
         raise ValueError("must be 0 or more")
     return number
@@ -57,6 +67,17 @@ def _log_syntax(value: str) -> str:
     if syntax not in {"auto", "json", "text"}:
         raise ValueError("must be auto, json or text")
     return syntax
+
+
+def _group(value: str) -> str:
+    """A group name that exists on this host (empty: none)."""
+    name = value.strip()
+    if name:
+        try:
+            grp.getgrnam(name)
+        except KeyError:
+            raise ValueError(f"no group named {name!r} on this host") from None
+    return name
 
 
 def _size(value: str) -> int:
@@ -80,6 +101,7 @@ _KIND_NAMES: Dict[Callable[[str], Any], str] = {
     parse_list: "a comma-separated list",
     _log_level: "a log level",
     _log_syntax: "auto, json or text",
+    _group: "a group name",
     _size: "a size such as 100M",
     str: "text",
 }
@@ -152,7 +174,7 @@ SCHEMA: Tuple[Setting, ...] = (
     Setting(
         "core",
         "log_syntax",
-        str,
+        _log_syntax,
         "auto",
         "Log format: json, text, or auto (text on a terminal, else json).",
     ),
@@ -224,7 +246,7 @@ SCHEMA: Tuple[Setting, ...] = (
     Setting(
         "stoqd",
         "control_group",
-        str,
+        _group,
         "",
         "Group allowed to use the control socket (mode 0660); empty: 0600.",
     ),
@@ -313,7 +335,8 @@ def _parse_value(where: str, setting: Setting, raw: str, problems: List[str]) ->
     try:
         return setting.parse(raw)
     except (TypeError, ValueError) as exc:
-        problems.append(f"{where} {setting.key}: {raw!r} is not {setting.kind}: {exc}")
+        why = f": {exc}" if str(exc) else ""
+        problems.append(f"{where} {setting.key}: {raw!r} is not {setting.kind}{why}")
         return setting.parse(setting.default)
 
 

@@ -24,11 +24,19 @@ def _add_process(_: Any, __: str, event: dict) -> dict:
     return event
 
 
+_as_json = False
+
+
+def renders_json() -> bool:
+    """True when this process logs JSON lines (for machines) rather than text."""
+    return _as_json
+
+
 def setup(proc: str, level: str = "INFO", syntax: str = "auto") -> None:
     """Configure logging for this process; call once at process start."""
-    global _proc
+    global _proc, _as_json
     _proc = proc
-    as_json = syntax == "json" or (syntax == "auto" and not sys.stderr.isatty())
+    as_json = _as_json = syntax == "json" or (syntax == "auto" and not sys.stderr.isatty())
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if as_json

@@ -508,7 +508,49 @@ def test_stoqd_check_config_loads_plugins(run_cmd, tmp_path: Path) -> None:
     )
     done = run_cmd("stoqd", "-c", cfg, "--check-config")
     assert (done.returncode, done.stdout) == (78, "")
-    assert done.stderr == "stoqd: plugin example_connector: option output_file is required\n"
+    assert done.stderr == f"{cfg}: plugin example_connector: option output_file is required\n"
+
+
+def test_stoqd_reports_every_plugin_problem_naming_file_and_section(
+    run_cmd, tmp_path: Path
+) -> None:
+    """Checked before anything runs, all at once: a misspelt key, a bad value, and a key
+    no plugin reads (a warning: a stoQ v2 plugin may read its options later)."""
+    cfg = tmp_path / "stoq.cfg"
+    cfg.write_text(
+        "[core]\nproviders = dirscan\nconnectors = jsonl\nalways_dispatch = hash\n"
+        "[dirscan]\nsource_dir = /tmp\n"
+        "[hash]\nalgorithms = md5, bogus\n"
+        "[jsonl]\noutput_file = /dev/null\nfsynk = true\ncolour = blue\n"
+    )
+    errors = [
+        f"{cfg}: [jsonl] fsynk: not an option of plugin jsonl (did you mean fsync?)",
+        f"{cfg}: [hash] option algorithms: unknown algorithm 'bogus' (choose from ",
+    ]
+    unread = f"{cfg}: [jsonl] colour: plugin jsonl did not read this option (its options: "
+    check = run_cmd("stoqd", "-c", cfg, "--check-config")
+    assert (check.returncode, check.stdout) == (78, "")
+    lines = check.stderr.splitlines()
+    assert [line[: len(want)] for line, want in zip(lines[1:], errors, strict=True)] == errors
+    assert lines[0].startswith(f"warning: {unread}")
+    daemon = run_cmd("stoqd", "-c", cfg)  # the daemon's own start-up: the same, then 78
+    assert daemon.returncode == 78
+    plain = [line for line in daemon.stderr.splitlines() if not line.startswith("{")]
+    assert [line[: len(want)] for line, want in zip(plain, errors, strict=True)] == errors
+    logged = [json.loads(line) for line in daemon.stderr.splitlines() if line.startswith("{")]
+    assert [e["detail"][: len(unread)] for e in logged if e["event"] == "config_unread_option"] == [
+        unread
+    ]
+
+
+def test_check_config_reports_a_misspelt_provider_option(run_cmd, tmp_path: Path) -> None:
+    cfg = tmp_path / "stoq.cfg"
+    cfg.write_text("[core]\nproviders = dirscan\n[dirscan]\nsource_dir = /tmp\nactoin = delete\n")
+    done = run_cmd("stoqd", "-c", cfg, "--check-config")
+    assert (done.returncode, done.stdout) == (78, "")
+    assert done.stderr == (
+        f"{cfg}: [dirscan] actoin: not an option of plugin dirscan (did you mean action?)\n"
+    )
 
 
 def test_stoqd_config_default_comes_from_the_environment(run_cmd, clean_env, tmp_path) -> None:

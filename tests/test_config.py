@@ -102,14 +102,14 @@ def test_unknown_key_without_a_close_match(tmp_path: Path) -> None:
             "core",
             "max_queue",
             "lots",
-            "'lots' is not a whole number >= 0: invalid literal for int() with base 10: 'lots'",
+            "'lots' is not a whole number >= 0",
         ),
         ("core", "max_recursion", "-1", "'-1' is not a whole number >= 0: must be 0 or more"),
         (
             "stoqd",
             "graceful_timeout",
             "soon",
-            "'soon' is not a number of seconds >= 0: could not convert string to float: 'soon'",
+            "'soon' is not a number of seconds >= 0",
         ),
         (
             "stoqd",
@@ -117,6 +117,18 @@ def test_unknown_key_without_a_close_match(tmp_path: Path) -> None:
             "maybe",
             "'maybe' is not true or false: not a boolean: 'maybe' "
             "(use true/false, yes/no, on/off or 1/0)",
+        ),
+        (
+            "core",
+            "log_syntax",
+            "yaml",
+            "'yaml' is not auto, json or text: must be auto, json or text",
+        ),
+        (
+            "stoqd",
+            "control_group",
+            "nosuchgroup",
+            "'nosuchgroup' is not a group name: no group named 'nosuchgroup' on this host",
         ),
         (
             "core",
@@ -165,12 +177,10 @@ def test_many_problems_reported_together(tmp_path: Path) -> None:
         "[stoqd:p]\nbackoff_max = never\n",
     )
     assert problems_of(path) == [
-        f"{path}: [core] max_queue: 'x' is not a whole number >= 0: "
-        "invalid literal for int() with base 10: 'x'",
+        f"{path}: [core] max_queue: 'x' is not a whole number >= 0",
         f"{path}: [core] conectors: unknown key (did you mean connectors?)",
         f"{path}: [stoqd] workers: '-2' is not a whole number >= 0: must be 0 or more",
-        f"{path}: [stoqd:p] backoff_max: 'never' is not a number of seconds >= 0: "
-        "could not convert string to float: 'never'",
+        f"{path}: [stoqd:p] backoff_max: 'never' is not a number of seconds >= 0",
     ]
 
 
@@ -366,8 +376,7 @@ def test_config_problems_exit_78_without_traceback(stoq_cmd, tmp_path: Path) -> 
     assert done.returncode == EX_CONFIG == 78
     assert done.stdout == ""
     assert done.stderr == (
-        f"{cfg}: [core] max_queue: 'x' is not a whole number >= 0: "
-        "invalid literal for int() with base 10: 'x'\n"
+        f"{cfg}: [core] max_queue: 'x' is not a whole number >= 0\n"
         f"{cfg}: [core] conectors: unknown key (did you mean connectors?)\n"
     )
 

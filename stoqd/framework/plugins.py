@@ -49,6 +49,8 @@ class BasePlugin:
         not convert raises ``StoqPluginException`` naming the plugin and the option, which
         the daemon reports as a plugin that rejects its options.
         """
+        # Remembered so the daemon can tell a misspelt key in stoq.cfg from a real option.
+        self.__dict__.setdefault("options_read", set()).add(name)
         if name in self.plugin_opts:
             raw = self.plugin_opts[name]
         elif self.config.has_option("options", name):

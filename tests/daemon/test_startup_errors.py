@@ -51,7 +51,17 @@ def test_a_connector_that_rejects_its_options_exits_78(make_run: Callable[..., R
     run = make_run({"core": {"providers": "source"}, "jsonl": {"output_file": " "}})
     daemon = run.start()
     assert daemon.wait_exit() == 78
-    assert _stderr_lines(daemon.log()) == ["plugin jsonl: option output_file is required"]
+    assert _stderr_lines(daemon.log()) == [f"{run.config}: [jsonl] option output_file is required"]
+    _nothing_started(run)
+
+
+def test_a_misspelt_worker_option_exits_78(make_run: Callable[..., Run]) -> None:
+    run = make_run({"core": {"providers": "source"}, "hash": {"algoritms": "md5"}})
+    daemon = run.start()
+    assert daemon.wait_exit() == 78
+    assert _stderr_lines(daemon.log()) == [
+        f"{run.config}: [hash] algoritms: not an option of plugin hash (did you mean algorithms?)"
+    ]
     _nothing_started(run)
 
 
