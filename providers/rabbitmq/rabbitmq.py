@@ -348,7 +348,8 @@ class _Consumer:
         # with None until saved, then the message id ("" without one). A saved run at the
         # front is acked with one multiple-ack.
         self.unsettled: collections.OrderedDict[int, Optional[str]] = collections.OrderedDict()
-        self._anonymous_in_flight = 0  # messages without a message id, put, not finished
+        self._saved_unsettled = 0  # entries of ``unsettled`` that are saved (not None)
+        self._unfinished_count = 0  # put and not finished, with or without a message id
         self.stats: Dict[str, Any] = {
             "connection": "connecting", "queue": plugin.queue_name,
             "acknowledgement": "after results are saved", "received": 0, "acked": 0,
@@ -385,7 +386,8 @@ class _Consumer:
         return self.queue.stopping.is_set() and self._unfinished() == 0
 
     def _unfinished(self) -> int:
-        return sum(self.in_flight.values()) + self._anonymous_in_flight
+        # A running count: summing ``in_flight`` (up to prefetch ids) per message costs more.
+        return self._unfinished_count
 
     def _connect(self) -> None:
         plugin = self.plugin
@@ -395,7 +397,7 @@ class _Consumer:
         channel = connection.channel()
         channel.confirm_delivery()  # retries re-published before the original is acked
         self.generation += 1
-        self.unsettled.clear()
+        self._clear_unsettled()
         self.connection, self.channel = connection, channel
         self._declare(channel)
         channel.basic_qos(prefetch_count=plugin.prefetch)
@@ -451,7 +453,7 @@ class _Consumer:
         for message_id in self.unsettled.values():
             if message_id:  # saved, its ack not sent: skip the redelivery
                 self._remember_saved(message_id)
-        self.unsettled.clear()
+        self._clear_unsettled()
         wait = backoff.delay(failures, 0.5, self.plugin.reconnect_max)
         reason = _describe(exc)
         self.stats["connection"] = f"down: {reason}; retry in {wait:.1f}s"
@@ -529,9 +531,8 @@ class _Consumer:
             return False
         if message_id is not None:
             self.in_flight[message_id] += 1
-        else:
-            self._anonymous_in_flight += 1
-        self.stats["in_flight"] = self._unfinished()
+        self._unfinished_count += 1
+        self.stats["in_flight"] = self._unfinished_count
         return True
 
     def _extra_data(self, delivery: Delivery) -> Dict[str, Any]:
@@ -570,15 +571,33 @@ class _Consumer:
 
     def _flush_acks(self) -> None:
         assert self.channel is not None
-        saved = [tag for tag, message_id in self.unsettled.items() if message_id is not None]
+        if not self._saved_unsettled:
+            return  # the usual case between completions: nothing to walk
         run = list(itertools.takewhile(lambda kv: kv[1] is not None, self.unsettled.items()))
         if run:
             self.channel.basic_ack(run[-1][0], multiple=True)
-        for tag in saved[len(run) :]:
-            self.channel.basic_ack(tag)
-        for tag in saved:  # only once sent: a failed ack leaves them for _lost to remember
-            del self.unsettled[tag]
-        self.stats["acked"] += len(saved)
+            for tag, _ in run:  # only once sent: a failed ack leaves them for _lost
+                del self.unsettled[tag]
+            self._settled(len(run))
+        if self._saved_unsettled:  # saved behind one still being scanned
+            saved = [tag for tag, message_id in self.unsettled.items() if message_id is not None]
+            for tag in saved:
+                self.channel.basic_ack(tag)
+                del self.unsettled[tag]
+                self._settled(1)
+
+    def _settled(self, count: int) -> None:
+        self._saved_unsettled -= count
+        self.stats["acked"] += count
+
+    def _clear_unsettled(self) -> None:
+        self.unsettled.clear()
+        self._saved_unsettled = 0
+
+    def _forget_tag(self, tag: int) -> None:
+        """Drop a delivery tag acked or rejected one by one (not by ``_flush_acks``)."""
+        if self.unsettled.pop(tag, None) is not None:
+            self._saved_unsettled -= 1
 
     def _finish(self, delivery: Delivery, outcome: Any) -> None:
         message_id = delivery.message_id
@@ -586,14 +605,14 @@ class _Consumer:
             self.in_flight[message_id] -= 1
             if self.in_flight[message_id] <= 0:
                 del self.in_flight[message_id]
-        else:
-            self._anonymous_in_flight -= 1
+        self._unfinished_count -= 1
         if delivery.generation != self.generation or self.channel is None:
             # Its channel is gone, so is its delivery tag; the broker redelivers it.
             if outcome.saved and message_id is not None:
                 self._remember_saved(message_id)
         elif outcome.status == "saved":
             self.unsettled[delivery.tag] = message_id or ""  # acked by _flush_acks
+            self._saved_unsettled += 1
         elif outcome.status == "failed":
             self._retry_or_dead_letter(delivery, outcome.error or "scan failed")
         else:  # not_done: stoqd stopped before scanning it
@@ -619,13 +638,13 @@ class _Consumer:
 
     def _ack(self, delivery: Delivery, counter: str = "acked") -> None:
         assert self.channel is not None
-        self.unsettled.pop(delivery.tag, None)
+        self._forget_tag(delivery.tag)
         self.channel.basic_ack(delivery.tag)
         self.stats[counter] += 1
 
     def _nack(self, delivery: Delivery, requeue: bool) -> None:
         assert self.channel is not None
-        self.unsettled.pop(delivery.tag, None)
+        self._forget_tag(delivery.tag)
         self.channel.basic_nack(delivery.tag, requeue=requeue)
         self.stats["nacked"] += 1
 
@@ -650,7 +669,7 @@ class _Consumer:
     def _dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Reject without requeue: RabbitMQ moves it to the queue's dead-letter exchange."""
         assert self.channel is not None
-        self.unsettled.pop(delivery.tag, None)
+        self._forget_tag(delivery.tag)
         self.channel.basic_nack(delivery.tag, requeue=False)
         self.stats["dead_lettered"] += 1
         self.stats["last_error"] = reason
