@@ -32,7 +32,7 @@ from .control.protocol import ControlError
 from .framework.core import Stoq
 from .providerproc import provider_main
 from .states import Event, State, next_state
-from .wire import Channel, with_members
+from .wire import Channel, with_number
 from .workers import worker_main
 from .workqueue import FAILED, NOT_DONE, SAVED, new_spool_dir
 
@@ -58,7 +58,7 @@ class ForwardedItem(Item):
         """The header for a worker, or None when it must be built (``frame``)."""
         if self.fail is not None or not self.raw_header:
             return None
-        return with_members(self.raw_header, {"seq": self.seq})
+        return with_number(self.raw_header, "seq", self.seq)
 
 
 class Supervisor:
@@ -772,18 +772,25 @@ class Supervisor:
         channel.close()
 
     def _update_write_interest(self) -> None:
-        for child in [*self.providers.values(), *self.workers.values()]:
-            channel = child.channel
-            if channel is None or channel.closed:
-                continue
-            channel.flush()
-            if channel.closed:  # the child died; its sentinel brings it to _on_*_exit
-                continue
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if channel.wants_write else 0)
-            key = self.selector.get_map().get(channel.fileno())
-            if key is not None and key.events != events:
-                callback = key.data
-                self.selector.modify(channel, events, _with_flush(channel, callback))
+        for children in (self.providers.values(), self.workers.values()):
+            for child in children:
+                channel = child.channel
+                if channel is None or channel.closed:
+                    continue
+                channel.flush()
+                if channel.closed:  # the child died; its sentinel brings it to _on_*_exit
+                    continue
+                # Runs every turn for every child: the selector is consulted only when
+                # the channel's need to write differs from what it last registered.
+                wants = channel.wants_write
+                if wants == channel.write_interest:
+                    continue
+                channel.write_interest = wants
+                events = selectors.EVENT_READ | (selectors.EVENT_WRITE if wants else 0)
+                key = self.selector.get_map().get(channel.fileno())
+                if key is not None and key.events != events:
+                    callback = key.data
+                    self.selector.modify(channel, events, _with_flush(channel, callback))
 
     def snapshot(self) -> Dict[str, Any]:
         from .control.commands import status

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import socket
 import struct
 import threading
@@ -37,6 +38,7 @@ Frame = Tuple[Dict[str, Any], bytes, bytes]
 Buffer = Union[bytes, bytearray, memoryview]
 
 _encoder = json.JSONEncoder(separators=(",", ":"))
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_]+")  # a key JSON writes as it is, between quotes
 _decoder = json.JSONDecoder()
 
 
@@ -65,12 +67,26 @@ def with_members(raw_header: bytes, members: Dict[str, Any]) -> bytes:
     ``members`` already in ``raw_header`` is then in the text twice; JSON decoders
     (Python's among them) keep the last, so ``members`` win.
     """
-    tail = encode_header(members)
-    if raw_header == b"{}":
-        return tail
-    if tail == b"{}":
+    if not members:
         return raw_header
-    return b"".join((raw_header[:-1], b",", tail[1:]))
+    return _append(raw_header, encode_header(members)[1:-1])
+
+
+def with_number(raw_header: bytes, key: str, number: int) -> bytes:
+    """``with_members(raw_header, {key: number})`` for a plain key, without a JSON encoder.
+
+    Runs once per item in the supervisor, where an encoder call would cost more than
+    the rest of passing the header on.
+    """
+    if not _PLAIN_KEY.fullmatch(key):
+        return with_members(raw_header, {key: number})
+    return _append(raw_header, b'"%s":%d' % (key.encode(), int(number)))
+
+
+def _append(raw_header: bytes, members: bytes) -> bytes:
+    if raw_header == b"{}":
+        return b"{%s}" % members
+    return b"".join((raw_header[:-1], b",", members, b"}"))
 
 
 def decode_header(raw: Buffer) -> Dict[str, Any]:
@@ -143,6 +159,8 @@ class Channel:
         self._chunk = bytearray(RECEIVE_SIZE)
         self._out = bytearray()
         self.closed = False
+        # Whether its owner's selector watches it for writability (the owner keeps it).
+        self.write_interest = False
         # Called before the socket closes, so its owner can unregister it from a selector
         # while the fd number is still this socket's (the next child may be given it).
         self.on_close: Optional[Callable[[Channel], None]] = None
