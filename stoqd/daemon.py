@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 from . import logs
 from .config import EX_CONFIG, ConfigError
-from .control.server import SocketInUse
+from .control.server import SocketError, SocketInUse
 from .framework.data import RequestMeta
 from .framework.exceptions import StoqPluginException
 from .framework.plugins import WorkerPlugin
@@ -151,6 +151,9 @@ def run_daemon(
     except SocketInUse as exc:
         _error(str(exc))
         return EX_UNAVAILABLE
+    except SocketError as exc:
+        _error(f"{stoq.config.display_path}: [stoqd] control_socket: {exc}")
+        return EX_CONFIG
     finally:
         if metrics is not None:
             metrics.close()

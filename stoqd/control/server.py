@@ -11,6 +11,7 @@ import errno
 import grp
 import os
 import socket
+import stat
 from typing import Any, Callable, Dict, Optional
 
 from .protocol import MAX_REQUEST, ControlError, decode_request, encode
@@ -18,13 +19,21 @@ from .protocol import MAX_REQUEST, ControlError, decode_request, encode
 Handler = Callable[[Dict[str, Any]], Dict[str, Any]]
 
 
-class SocketInUse(Exception):
+class SocketError(Exception):
+    """The control socket cannot be created where the configuration says (one line)."""
+
+
+class SocketInUse(SocketError):
     pass
 
 
 def _remove_stale(path: str) -> None:
-    if not os.path.exists(path):
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
         return
+    if not stat.S_ISSOCK(mode):  # never remove what is not ours: a typo must not cost a file
+        raise SocketError(f"{path}: exists and is not a socket; not replacing it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
@@ -40,18 +49,32 @@ def _remove_stale(path: str) -> None:
 
 def listen(path: str, group: str = "") -> socket.socket:
     """Bind the control socket at ``path`` with owner-only (or group) permissions."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    _remove_stale(path)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        _remove_stale(path)
+        return _bind(path, group)
+    except OSError as exc:
+        raise SocketError(f"{path}: cannot create it: {exc.strerror}") from None
+    except KeyError:  # the group vanished since the configuration was checked
+        raise SocketError(f"{path}: no group named {group!r}") from None
+
+
+def _bind(path: str, group: str) -> socket.socket:
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)  # never world- or group-writable, even for an instant
     try:
         server.bind(path)
+        if group:
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+            os.chmod(path, 0o660)
+        server.listen(16)
+    except BaseException:
+        server.close()
+        if os.path.exists(path):
+            os.unlink(path)
+        raise
     finally:
         os.umask(old_umask)
-    if group:
-        os.chown(path, -1, grp.getgrnam(group).gr_gid)
-        os.chmod(path, 0o660)
-    server.listen(16)
     server.setblocking(False)
     return server
 

@@ -4,6 +4,7 @@ types, what they read back, and the exit codes scripts and health checks rely on
 from __future__ import annotations
 
 import glob
+import grp
 import json
 import os
 import shutil
@@ -195,6 +196,15 @@ def test_the_control_socket_is_private(make_run: Callable[..., Run]) -> None:
     assert stat.S_IMODE(mode) == 0o600
 
 
+def test_a_control_group_may_use_the_socket(make_run: Callable[..., Run]) -> None:
+    run = make_run({"core": {"providers": "hang"}, "stoqd": {"control_group": "daemon"}})
+    daemon = run.start()
+    _running(run)
+    info = os.stat(daemon.socket)
+    assert stat.S_IMODE(info.st_mode) == 0o660
+    assert info.st_gid == grp.getgrnam("daemon").gr_gid
+
+
 def test_a_stale_socket_from_a_killed_run_is_replaced(make_run: Callable[..., Run]) -> None:
     run = make_run({"core": {"providers": "hang"}})
     killed = run.start()
@@ -216,6 +226,28 @@ def test_a_stale_socket_file_nobody_listens_on_is_replaced(make_run: Callable[..
         sock.bind(str(stale))  # bound, never listening, then closed: the file stays
     daemon = run.start()
     assert _running(run)["daemon"]["pid"] == daemon.pid
+
+
+def test_a_control_socket_path_holding_a_file_is_refused_and_kept(
+    make_run: Callable[..., Run],
+) -> None:
+    run = make_run({"core": {"providers": "hang"}, "stoqd": {"control_socket": "{dir}/notes.txt"}})
+    precious = run.dir / "notes.txt"
+    precious.write_text("not a socket")
+    daemon = run.start()
+    assert daemon.wait_exit() == 78, daemon.log()
+    assert f"{run.config}: [stoqd] control_socket: {precious}: exists and is not a socket; " \
+        "not replacing it" in daemon.log().splitlines()  # fmt: skip
+    assert precious.read_text() == "not a socket"
+    assert glob.glob(f"/dev/shm/stoqd-{daemon.pid}-*") == []
+
+
+def test_a_control_socket_that_cannot_be_created_is_one_line(make_run: Callable[..., Run]) -> None:
+    run = make_run({"core": {"providers": "hang"}, "stoqd": {"control_socket": "/proc/x/s.sock"}})
+    daemon = run.start()
+    assert daemon.wait_exit() == 78, daemon.log()
+    assert f"{run.config}: [stoqd] control_socket: /proc/x/s.sock: cannot create it: " \
+        "No such file or directory" in daemon.log().splitlines()  # fmt: skip
 
 
 def test_a_second_daemon_on_the_same_socket_exits_69(make_run: Callable[..., Run]) -> None:
