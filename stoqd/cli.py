@@ -12,6 +12,7 @@ import argparse
 import difflib
 import json
 import os
+import stat
 import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -320,22 +321,38 @@ def _read_input(file: str, limit: int) -> Tuple[bytes, PayloadMeta]:
     if file == "-":
         if sys.stdin is None or sys.stdin.isatty():
             raise _Exit(EX_USAGE, ["stoq: nothing to scan: give FILE, or pipe data on stdin"])
-        content = sys.stdin.buffer.read(limit + 1) if limit else sys.stdin.buffer.read()
-        if limit and len(content) > limit:
-            raise _Exit(EX_DATAERR, [f"stoq: stdin: more than max_payload_size {limit} bytes"])
-        return content, PayloadMeta()
+        return _read_stream(sys.stdin.buffer, "stdin", limit), PayloadMeta()
     try:
-        with open(file, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if limit and size > limit:
+        # O_NONBLOCK: opening a FIFO nobody writes to must not hang; reads block again below.
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as handle:
+            os.set_blocking(fd, True)
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):  # a pipe (`<(cmd)`), a device: no size known
+                content = _read_stream(handle, file, limit)
+            elif limit and info.st_size > limit:
                 raise _Exit(
                     EX_DATAERR,
-                    [f"stoq: {file}: {size} bytes exceeds max_payload_size {limit}"],
+                    [f"stoq: {file}: {info.st_size} bytes exceeds max_payload_size {limit}"],
                 )
-            content = handle.read()
+            else:
+                content = handle.read()
     except OSError as exc:
         raise _Exit(EX_NOINPUT, [f"stoq: cannot read {file}: {exc.strerror or exc}"]) from None
     return content, PayloadMeta(extra_data={"filename": os.path.basename(file)})
+
+
+def _read_stream(stream: Any, name: str, limit: int) -> bytes:
+    """All of a stream of unknown size, refusing more than ``limit`` bytes (0: the
+    built-in max_payload_size default, so /dev/zero cannot exhaust memory)."""
+    cap = limit or _STREAM_CAP
+    content: bytes = stream.read(cap + 1)
+    if len(content) > cap:
+        raise _Exit(EX_DATAERR, [f"stoq: {name}: more than max_payload_size {cap} bytes"])
+    return content
+
+
+_STREAM_CAP = 256 << 20
 
 
 def cmd_scan(args: argparse.Namespace) -> int:

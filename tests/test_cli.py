@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Dict
@@ -301,6 +302,25 @@ def test_input_over_max_payload_size(stoq_cmd, tmp_path: Path) -> None:
     assert (
         ok_json(stoq_cmd("scan", "--config-file", cfg, stdin=b"x" * 10))["results"][0]["size"] == 10
     )
+    # A device has no size to check first: it is read up to the limit, then refused.
+    done = stoq_cmd("scan", "/dev/zero", "--config-file", cfg)
+    assert (done.returncode, done.stderr) == (
+        65,
+        "stoq: /dev/zero: more than max_payload_size 10 bytes\n",
+    )
+
+
+def test_a_fifo_is_read_like_a_pipe_and_never_hangs(stoq_cmd, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    # Nobody writes to it: an empty payload, not a hang.
+    assert ok_json(stoq_cmd("scan", fifo, "-a", "hash", timeout=20))["results"][0]["size"] == 0
+    # A writer, as with `stoq scan <(command)`: its bytes are the payload.
+    writer = threading.Thread(target=lambda: fifo.write_bytes(b"from a pipe"), daemon=True)
+    writer.start()
+    result = ok_json(stoq_cmd("scan", fifo, "-a", "hash", timeout=20))["results"][0]
+    writer.join(timeout=20)
+    assert result["workers"][0]["hash"]["sha1"] == hashlib.sha1(b"from a pipe").hexdigest()
 
 
 def test_no_input_on_a_terminal(tmp_path: Path, clean_env) -> None:
