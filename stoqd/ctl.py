@@ -55,7 +55,13 @@ def request(path: str, message: Dict[str, Any], timeout: float = 10.0) -> Dict[s
         sock.close()
     if not data:
         raise DaemonDown(f"stoqd closed the connection on {path} without answering")
-    return json.loads(data)  # type: ignore[no-any-return]
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):  # not stoqd on the other end, or cut short
+        raise DaemonDown(f"what answers on {path} is not stoqd (its answer is not a JSON object)")
+    return answer
 
 
 def _duration(seconds: Optional[float]) -> str:

@@ -11,6 +11,8 @@ import shutil
 import signal
 import socket
 import stat
+import threading
+from pathlib import Path
 from typing import Any, Callable, Dict
 
 from .helpers import Run, stoqctl, wait_stubborn_asleep
@@ -285,4 +287,27 @@ def test_stop_kills_a_provider_that_ignores_sigterm(make_run: Callable[..., Run]
     assert stoqctl("-s", str(daemon.socket), "stop", "stubborn").returncode == 0
     daemon.wait_for(
         lambda s: _provider(s, "stubborn")["state"] == "STOPPED", timeout=4, what="STOPPED"
+    )
+
+
+def test_stoqctl_says_so_when_something_else_answers_on_the_socket(tmp_path: Path) -> None:
+    path = str(tmp_path / "impostor.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def answer_garbage() -> None:
+        connection, _ = server.accept()
+        connection.recv(4096)
+        connection.sendall(b"not json\n")
+        connection.close()
+
+    threading.Thread(target=answer_garbage, daemon=True).start()
+    try:
+        done = stoqctl("-s", path, "status")
+    finally:
+        server.close()
+    assert done.returncode == 4  # as for a daemon that is down: unhealthy
+    assert done.stderr == (
+        f"stoqctl: what answers on {path} is not stoqd (its answer is not a JSON object)\n"
     )
