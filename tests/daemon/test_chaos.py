@@ -26,7 +26,6 @@ def _victims(status: Dict[str, Any]) -> List[Tuple[str, int]]:
     return victims
 
 
-# Not strict: the supervisor crashes in about half of the runs, so a strict mark would flake.
 def test_sigkilling_children_while_payloads_flow_loses_nothing(
     make_run: Callable[..., Run],
 ) -> None:
