@@ -128,6 +128,22 @@ class Scan:
         todo: deque[Tuple[Payload, int]] = deque([(root, 0)])
         results: List[PayloadResults] = []
         self._unhashed_root = root.content
+        try:
+            self._scan_all(todo, results, start_dispatch)
+        finally:
+            # A Scan may outlive its request (until the cyclic GC finds it, should a
+            # plugin have tied it into a cycle): never with a large payload inside.
+            self._unhashed_root = None
+        response = StoqResponse(results=results, request_meta=self.request_meta, errors=self.errors)
+        self._decorate(response)
+        return response
+
+    def _scan_all(
+        self,
+        todo: deque[Tuple[Payload, int]],
+        results: List[PayloadResults],
+        start_dispatch: List[str],
+    ) -> None:
         while todo:
             payload, depth = todo.popleft()
             extracted = self._scan_payload(payload, start_dispatch if depth == 0 else [])
@@ -141,9 +157,6 @@ class Scan:
                     )
                     continue
                 todo.append((child, depth + 1))
-        response = StoqResponse(results=results, request_meta=self.request_meta, errors=self.errors)
-        self._decorate(response)
-        return response
 
     def _scan_payload(self, payload: Payload, start_dispatch: List[str]) -> List[Payload]:
         limit = self.policy.max_payload_size
@@ -190,21 +203,24 @@ class Scan:
     def _with_required(self, names: List[str], already_run: Set[str]) -> List[str]:
         """Order workers so each one's ``required_workers`` run before it."""
         ordered: List[str] = []
-
-        def visit(name: str, trail: Tuple[str, ...]) -> None:
-            if name in ordered or name in already_run or name in trail:
-                return
-            try:
-                plugin: Any = self.plugins.get(name)
-            except StoqPluginException:
-                plugin = None  # _run_worker records the error, once
-            for required in sorted(getattr(plugin, "required_workers", ())):
-                visit(required, (*trail, name))
-            ordered.append(name)
-
         for name in names:
-            visit(name, ())
+            self._visit_required(name, (), ordered, already_run)
         return ordered
+
+    def _visit_required(
+        self, name: str, trail: Tuple[str, ...], ordered: List[str], already_run: Set[str]
+    ) -> None:
+        # A method, not a closure that calls itself: such a closure is a reference cycle
+        # holding the Scan, which only the cyclic GC would then free.
+        if name in ordered or name in already_run or name in trail:
+            return
+        try:
+            plugin: Any = self.plugins.get(name)
+        except StoqPluginException:
+            plugin = None  # _run_worker records the error, once
+        for required in sorted(getattr(plugin, "required_workers", ())):
+            self._visit_required(required, (*trail, name), ordered, already_run)
+        ordered.append(name)
 
     def _run_worker(self, name: str, payload: Payload, dispatch_pass: int) -> List[Payload]:
         worker = self._plugin(name, WorkerPlugin)
