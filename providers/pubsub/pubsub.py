@@ -22,6 +22,7 @@ import collections
 import concurrent.futures
 import queue as stdlib_queue
 import threading
+import time
 from configparser import ConfigParser
 from typing import Any, Dict, Optional
 
@@ -36,6 +37,10 @@ from stoqd.framework.plugins import ConnectorPlugin, ProviderPlugin
 
 _ATTEMPTS_KEPT = 100_000  # message ids with a failed delivery, for bounded retries
 _PUBLISH_TIMEOUT = 60.0
+# The streaming pull retries an unreachable service in silence, so the connection state
+# in the status comes from a cheap call on the same channel every few seconds.
+_PROBE_INTERVAL = 3.0
+_PROBE_TIMEOUT = 3.0
 
 
 class PubsubPlugin(ProviderPlugin, ConnectorPlugin):
@@ -109,8 +114,13 @@ class PubsubPlugin(ProviderPlugin, ConnectorPlugin):
             except Exception as exc:  # the client's errors (NotFound, timeouts) alike
                 raise StoqPluginException(
                     f"plugin {self.plugin_name}: cannot publish to {topic}: "
-                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    f"{type(exc).__name__}: {_first_line(exc)}"
                 ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else ""
 
 
 class _Puller:
@@ -125,6 +135,7 @@ class _Puller:
         self.lock = threading.Lock()
         self.attempts: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.in_flight = 0
+        self.probing = True
         self.stats: Dict[str, Any] = {
             "connection": "connecting", "subscription": self.path,
             "acknowledgement": "after results are saved", "received": 0, "acked": 0,
@@ -141,6 +152,7 @@ class _Puller:
         )
         future = self.subscriber.subscribe(self.path, self._on_message, flow_control=flow)
         self._count(connection=f"streaming pull from {self.path}")
+        next_probe = time.monotonic() + _PROBE_INTERVAL
         try:
             while True:
                 try:
@@ -148,6 +160,9 @@ class _Puller:
                     return  # cancelled
                 except concurrent.futures.TimeoutError:
                     pass
+                if self.probing and time.monotonic() >= next_probe:
+                    self._probe()
+                    next_probe = time.monotonic() + _PROBE_INTERVAL
                 self.queue.report(**self._snapshot())
                 if self.queue.stopping.is_set() and self._idle():
                     return
@@ -165,6 +180,25 @@ class _Puller:
             self.subscriber.close()
             self._count(connection="closed")
             self.queue.report(**self._snapshot())
+
+    def _probe(self) -> None:
+        """Ask for the subscription once, to tell a live stream from one being retried."""
+        try:
+            self.subscriber.get_subscription(
+                subscription=self.path, retry=None, timeout=_PROBE_TIMEOUT
+            )
+        except google_errors.PermissionDenied:
+            # roles/pubsub.subscriber may consume but not read a subscription: the state
+            # stays unknown rather than reported down.
+            self.probing = False
+            self._count(connection=f"streaming pull from {self.path} (state not probed: "
+                                   "no permission pubsub.subscriptions.get)")  # fmt: skip
+        except Exception as exc:  # unreachable, timed out, not found: the stream fares alike
+            reason = f"{type(exc).__name__}: {_first_line(exc)}"
+            self._count(connection=f"down: {reason}; the client keeps retrying",
+                        last_error=reason)  # fmt: skip
+        else:
+            self._count(connection=f"streaming pull from {self.path}")
 
     def _idle(self) -> bool:
         with self.lock:
