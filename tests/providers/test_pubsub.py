@@ -325,10 +325,15 @@ def _daemon_dir(topic: Topic, emulator: PubsubEmulator) -> Tuple[Path, Path]:
 
 
 def _saved_ids(results: Path) -> List[str]:
+    """The message id of every saved result, in order (failure records have none)."""
     if not results.exists():
         return []
-    return [json.loads(line)["results"][0]["payload_meta"]["extra_data"]["message_id"]
-            for line in results.read_text().splitlines() if line.strip()]  # fmt: skip
+    saved = []
+    for line in results.read_text().splitlines():
+        payloads = json.loads(line)["results"] if line.strip() else []
+        if payloads:  # a record of why an item could not be scanned has no payload
+            saved.append(payloads[0]["payload_meta"]["extra_data"]["message_id"])
+    return saved
 
 
 def _wait(predicate: Any, what: str, timeout: float = 60.0) -> None:
@@ -365,3 +370,223 @@ def test_daemon_acks_after_saving_and_kill_9_of_the_provider_loses_nothing(
     # Everything was acknowledged: nothing comes back once the ack deadline has passed.
     time.sleep(11)
     assert topic.pull(1, timeout=5) == []
+
+
+# Test worker "gate", written into the daemon's plugin directory. HOLD: writes its
+# worker's pid to gate/holding and waits for gate/release. KILL: SIGKILLs its worker the
+# first time it sees that content (a marker file remembers), so stoqd's retry saves it.
+# POISON: SIGKILLs its worker every time, so stoqd quarantines it. Anything else: 50 ms.
+_GATE = """\
+import os, signal, time
+from stoq.data_classes import WorkerResponse
+from stoq.plugins import WorkerPlugin
+
+
+class Gate(WorkerPlugin):
+    def scan(self, payload, request_meta):
+        content = payload.content
+        gate = self.config.get("options", "gate_dir")
+        if content.startswith(b"HOLD"):
+            with open(os.path.join(gate, "holding.tmp"), "w") as handle:
+                handle.write(str(os.getpid()))
+            os.replace(os.path.join(gate, "holding.tmp"), os.path.join(gate, "holding"))
+            while not os.path.exists(os.path.join(gate, "release")):
+                time.sleep(0.02)
+        elif content.startswith(b"KILL"):
+            marker = os.path.join(gate, "killed-" + content.hex())
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+        elif content.startswith(b"POISON"):
+            with open(os.path.join(gate, "poisoned"), "a") as handle:
+                handle.write("x")
+            os.kill(os.getpid(), signal.SIGKILL)
+        else:
+            time.sleep(0.05)
+        return WorkerResponse({"size": len(content)})
+"""
+
+
+def send(topic: Topic, body: bytes) -> str:
+    """Publish ``body`` with a unique ``key`` attribute; returns the key. Message ids will
+    not do: a restarted emulator numbers its messages from 1 again."""
+    key = uuid.uuid4().hex
+    topic.publish(body, key=key)
+    return key
+
+
+class GateRun:
+    """A stoqd daemon consuming ``topic``'s subscription through the ``gate`` worker."""
+
+    def __init__(self, topic: Topic, emulator: PubsubEmulator, stoqd: Dict[str, Any],
+                 pubsub: Dict[str, Any]) -> None:  # fmt: skip
+        self.dir = temp_dir("stoqd-ps-")
+        self.gate = self.dir / "gate"
+        self.gate.mkdir()
+        folder = self.dir / "plugins" / "gate"
+        folder.mkdir(parents=True)
+        (folder / "gate.py").write_text(_GATE)
+        (folder / "gate.stoq").write_text(
+            "[Core]\nName = gate\nModule = gate\n\n[Documentation]\nDescription = gate\n"
+            f"\n[options]\ngate_dir = {self.gate}\n"
+        )
+        self.results = self.dir / "results.jsonl"
+        config = write_config(self.dir, {
+            "core": {"providers": "pubsub", "connectors": "jsonl", "always_dispatch": "gate",
+                     "plugin_dir_list": "plugins"},
+            "stoqd": {"workers": 2, "backoff_initial": 0.1, "backoff_max": 1,
+                      "startretries": 100, **stoqd},
+            "pubsub": {"project_id": PROJECT, "subscription": topic.subscription, **pubsub},
+            "jsonl": {"output_file": "${here}/results.jsonl"},
+        })  # fmt: skip
+        self.daemon = Daemon(config, env=emulator.env)
+        self.daemon.wait_for(lambda status: True, what="stoqd to answer")
+
+    def stats(self) -> Dict[str, Any]:
+        return self.daemon.provider("pubsub").get("stats") or {}
+
+    def saved(self) -> List[str]:
+        """The ``key`` attribute of every saved result (see ``send``)."""
+        if not self.results.exists():
+            return []
+        saved = []
+        for line in self.results.read_text().splitlines():
+            payloads = json.loads(line)["results"] if line.strip() else []
+            if payloads:  # a record of why an item could not be scanned has no payload
+                saved.append(payloads[0]["payload_meta"]["extra_data"]["attributes"]["key"])
+        return saved
+
+    def holding_pid(self) -> Optional[int]:
+        try:
+            return int((self.gate / "holding").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def wait(self, predicate: Any, what: str, timeout: float = 60.0) -> None:
+        """Wait for ``predicate()``, checking all along that no message was acknowledged
+        before its result was saved: the acks the provider reports never outnumber the
+        saved results (read after the count, so a late save cannot excuse an early ack)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            acked = self.stats().get("acked") or 0
+            saved = len(set(self.saved()))
+            assert acked <= saved, f"{acked} messages acknowledged, {saved} results saved"
+            if predicate():
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}; "
+                             f"stats {self.stats()}\n{self.daemon.log()[-3000:]}")  # fmt: skip
+
+    def close(self) -> None:
+        self.daemon.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def test_kill_9_of_a_worker_mid_scan_saves_or_dead_letters_every_message(
+    topic: Topic, mq_pubsub: PubsubEmulator
+) -> None:
+    """A worker SIGKILLed mid-scan costs nothing: stoqd scans the payload again and the
+    message is acknowledged once its result is saved. A payload that kills every worker
+    is quarantined (``max_attempts`` deaths), which fails the message: nacked, redelivered
+    by Pub/Sub, quarantined again, then dead-lettered (``max_retries``) and acknowledged.
+    A message whose worker the test kills from outside stays unacknowledged (leased by the
+    provider) until its scan on another worker is saved.
+
+    What the emulator cannot show: Pub/Sub has no call that lists a subscription's
+    unacknowledged messages, so "not acknowledged before saved" is read from the
+    provider's own ``acked`` count (checked against the saved results at every poll) and
+    its ``in_flight`` lease, not from the broker.
+    """
+    dead = topic.listen(f"dead-{uuid.uuid4().hex[:8]}")
+    bodies = [b"KILL %d" % n if n % 6 == 3 else b"SLOW %d" % n for n in range(18)]
+    ids = [send(topic, body) for body in bodies]
+    poison = send(topic, b"POISON pill")
+    run = GateRun(topic, mq_pubsub, stoqd={"max_attempts": 2},
+                  pubsub={"max_retries": 1, "dead_letter_topic": dead.topic,
+                          "max_messages": 5})  # fmt: skip
+    try:
+        # 1. Workers killed by their payloads; one payload that kills every worker.
+        run.wait(lambda: set(run.saved()) == set(ids) and run.stats().get("dead_lettered") == 1,
+                 "every result and the dead letter")  # fmt: skip
+        run.wait(lambda: run.stats().get("acked") == len(ids), "every ack")
+        assert sorted(run.saved()) == sorted(ids)  # each exactly once, the poison never
+        assert len(list(run.gate.glob("killed-*"))) == 3
+        # Two deliveries of the poison, each quarantined after two worker deaths.
+        assert (run.gate / "poisoned").read_text() == "xxxx"
+        [(data, attributes)] = dead.pull(1)
+        assert data == b"POISON pill" and attributes["key"] == poison
+        assert attributes["stoqd_error"].startswith(
+            "failed 2 times: quarantined: killed 2 workers while being scanned"
+        )
+
+        # 2. The test SIGKILLs the worker that is scanning a message.
+        held = send(topic, b"HOLD me")
+        run.wait(lambda: run.holding_pid() is not None, "the scan to start")
+        first = run.holding_pid()
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        run.wait(lambda: run.holding_pid() not in (None, first), "the scan on another worker")
+        stats = run.stats()
+        assert held not in run.saved()
+        assert stats["acked"] == len(ids) and stats["in_flight"] == 1  # leased, not acked
+        (run.gate / "release").touch()
+        run.wait(lambda: held in run.saved(), "the held result")
+        run.wait(lambda: run.stats().get("acked") == len(ids) + 1, "its ack")
+        assert run.saved().count(held) == 1
+        assert run.stats()["in_flight"] == 0
+        assert dead.pull(1, timeout=3) == []  # only the poison was dead-lettered
+    finally:
+        run.close()
+
+
+def test_emulator_restart_is_reported_and_survived(topic: Topic, mq_pubsub: PubsubEmulator) -> None:
+    """The Pub/Sub service goes away while messages are acknowledged and one is mid-scan,
+    then comes back: the provider process rides the outage out (the client retries) and
+    shows it in ``connection``; the scan that was running finishes and its result is
+    saved; once the service is back the same stream consumes again, and every message
+    published ends with exactly one saved result.
+
+    What the emulator cannot show: it keeps everything in memory, so a restart forgets
+    the topic, the subscription and the messages that were outstanding (the test creates
+    the first two again, as they would still exist on Google). The acknowledgement of the
+    message saved during the outage goes nowhere, and without exactly-once delivery
+    Pub/Sub confirms no acknowledgement, so the provider counts it acked; on Google the
+    message would come back after its ack deadline and be scanned a second time, the
+    redelivery that the provider kill -9 test shows.
+    """
+    held = send(topic, b"HOLD during the outage")
+    run = GateRun(topic, mq_pubsub, stoqd={}, pubsub={"max_messages": 5})
+    try:
+        run.wait(lambda: run.holding_pid() is not None, "the scan to start")
+        before = [send(topic, b"SLOW before %d" % n) for n in range(10)]
+        run.wait(lambda: (run.stats().get("acked") or 0) >= 5, "some acks")
+        provider = run.daemon.provider("pubsub")["pid"]
+
+        mq_pubsub.close()
+        run.wait(lambda: run.stats().get("connection", "").startswith("down: "),
+                 "the provider to see the service gone")  # fmt: skip
+        (run.gate / "release").touch()
+        run.wait(lambda: set(run.saved()) == {held, *before}, "the results of the outage")
+        assert run.daemon.provider("pubsub")["pid"] == provider  # it never crashed
+
+        mq_pubsub.start()
+        topic.publisher.create_topic(name=topic.topic_path)
+        topic.subscriber.create_subscription(
+            name=topic.sub_path, topic=topic.topic_path, ack_deadline_seconds=10
+        )
+        run.wait(lambda: run.stats().get("connection", "").startswith("streaming pull"),
+                 "the provider to see the service back")  # fmt: skip
+        after = [send(topic, b"SLOW after %d" % n) for n in range(10)]
+        run.wait(lambda: set(after) <= set(run.saved()), "the results after the restart")
+        run.wait(lambda: run.stats().get("in_flight") == 0, "every outcome")
+        assert sorted(run.saved()) == sorted([held, *before, *after])  # each exactly once
+        assert run.daemon.process.poll() is None
+        if run.daemon.provider("pubsub")["pid"] == provider:
+            assert run.stats()["acked"] == 21  # 11 before and during the outage, 10 after
+        else:  # the stream came back before the test recreated the subscription
+            assert "does not exist (set create = true" in run.daemon.log()
+            assert run.stats()["acked"] == 10
+    finally:
+        run.close()
+        if mq_pubsub.process is None or mq_pubsub.process.poll() is not None:
+            mq_pubsub.start()  # for the tests that follow
