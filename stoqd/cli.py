@@ -242,7 +242,7 @@ def _make_stoq(args: argparse.Namespace, **explicit: Any) -> Stoq:
     except ConfigError as exc:
         raise _Exit(EX_CONFIG, exc.problems) from None
     except StoqPluginException as exc:  # a plugin directory or .stoq file is broken
-        raise _Exit(EX_CONFIG, [f"stoq: {exc}"]) from None
+        raise _Exit(EX_CONFIG, [f"stoq: {line}" for line in str(exc).splitlines()]) from None
 
 
 def _check_cli_names(stoq: Stoq, named: Dict[str, List[str]]) -> None:
@@ -473,10 +473,10 @@ def daemon_main(argv: Optional[Sequence[str]] = None) -> int:
         except ConfigError as exc:
             raise _Exit(EX_CONFIG, exc.problems) from None
         except StoqPluginException as exc:
-            raise _Exit(EX_CONFIG, [f"stoqd: {exc}"]) from None
+            raise _Exit(EX_CONFIG, [f"stoqd: {line}" for line in str(exc).splitlines()]) from None
         if args.check_config:
             # The daemon logs these itself; a check prints them as plain lines.
-            for note in stoq.config.ignored:
+            for note in [*stoq.config.ignored, *stoq.registry.notes]:
                 print(note, file=sys.stderr)
             _check_daemon_plugins(stoq)
             print("configuration OK")

@@ -111,6 +111,8 @@ def run_daemon(
     logs.setup("supervisor", core["log_level"], core["log_syntax"])
     for line in stoq.config.ignored:
         logs.get().warning("config_ignored", detail=line)
+    for line in stoq.registry.notes:
+        logs.get().warning("plugin_replaced", detail=line)
     try:
         stoq.check()
         if not stoq.core("providers"):

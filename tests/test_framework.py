@@ -20,6 +20,7 @@ from stoq import (
     WorkerResponse,
 )
 from stoq.helpers import dumps, get_sha1
+from stoqd.framework.loader import PluginRegistry
 
 V2_PLUGINS = Path(__file__).resolve().parent / "fixtures" / "stoq_v2_plugins"
 
@@ -591,3 +592,44 @@ def test_seed_provider_ingests_its_payload() -> None:
     assert isinstance(item, Payload)
     assert item.content == b"This is a payload"
     assert queue.empty()
+
+
+# -- plugin discovery: broken, doubled and replaced plugins -----------------------------
+
+
+def _stoq_file(folder: Path, name: str, text: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.stoq"
+    path.write_text(text or f"[Core]\nName = {name}\nModule = {name}\n")
+    (folder / f"{name}.py").write_text("")
+    return path
+
+
+def test_every_broken_plugin_file_is_reported_at_once(tmp_path: Path) -> None:
+    garbled = _stoq_file(tmp_path / "a", "a", "garbage")
+    no_module = _stoq_file(tmp_path / "b", "b", "[Core]\nName = b\n")
+    with pytest.raises(StoqPluginException) as caught:
+        PluginRegistry([tmp_path])
+    assert str(caught.value).splitlines() == [
+        f"{garbled}: cannot read plugin file: File contains no section headers.",
+        f"{no_module}: [Core] Module is missing",
+    ]
+
+
+def test_two_plugins_of_one_name_in_one_directory_are_an_error(tmp_path: Path) -> None:
+    first = _stoq_file(tmp_path / "one", "twin")
+    second = _stoq_file(tmp_path / "two", "twin")
+    with pytest.raises(StoqPluginException) as caught:
+        PluginRegistry([tmp_path])
+    assert str(caught.value) == f"{second}: plugin twin is already defined by {first}"
+
+
+def test_a_plugin_directory_replaces_a_built_in_and_says_so(tmp_path: Path) -> None:
+    mine = _stoq_file(tmp_path / "hash", "hash")
+    later = _stoq_file(tmp_path.parent / f"{tmp_path.name}-later" / "hash", "hash")
+    registry = PluginRegistry([tmp_path, later.parent.parent])
+    assert registry.spec("hash").origin == str(mine)
+    assert registry.notes == [
+        f"plugin hash: {mine} is used; {later} is not",
+        f"plugin hash: {mine} replaces the installed stoqd.builtin.hash",
+    ]

@@ -78,25 +78,48 @@ class PluginRegistry:
 
     def __init__(self, plugin_dirs: Iterable[Path] = (), use_entry_points: bool = True) -> None:
         self.specs: Dict[str, PluginSpec] = {}
+        # Which plugin replaced which, one line each: deliberate, but never silent.
+        self.notes: List[str] = []
+        problems: List[str] = []
         for plugin_dir in plugin_dirs:
-            self._scan_dir(Path(plugin_dir))
+            problems += self._scan_dir(Path(plugin_dir))
+        if problems:  # every broken .stoq file at once, not one per attempt
+            raise StoqPluginException("\n".join(problems))
         if use_entry_points:
             self._scan_entry_points()
 
-    def _scan_dir(self, plugin_dir: Path) -> None:
+    def _scan_dir(self, plugin_dir: Path) -> List[str]:
         if not plugin_dir.is_dir():
-            raise StoqPluginException(f"plugin directory {plugin_dir} does not exist")
+            return [f"plugin directory {plugin_dir} does not exist"]
+        problems: List[str] = []
+        here: Dict[str, Path] = {}
         for stoq_file in sorted(plugin_dir.rglob("*.stoq")):
-            config = _read_stoq_file(stoq_file)
-            name = config.get("Core", "Name")
-            if name in self.specs:
-                continue  # the first directory listed wins
-            module_file = _module_file(stoq_file, config.get("Core", "Module"))
+            try:
+                config = _read_stoq_file(stoq_file)
+                name = config.get("Core", "Name")
+                module_file = _module_file(stoq_file, config.get("Core", "Module"))
+            except StoqPluginException as exc:
+                problems.append(str(exc))
+                continue
+            if name in here:  # two of one name in one directory: which one is meant?
+                problems.append(f"{stoq_file}: plugin {name} is already defined by {here[name]}")
+                continue
+            here[name] = stoq_file
+            if name in self.specs:  # the first directory listed wins
+                self.notes.append(
+                    f"plugin {name}: {self.specs[name].origin} is used; {stoq_file} is not"
+                )
+                continue
             self.specs[name] = PluginSpec(name, config, str(stoq_file), module_file=module_file)
+        return problems
 
     def _scan_entry_points(self) -> None:
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             if ep.name in self.specs:
+                self.notes.append(
+                    f"plugin {ep.name}: {self.specs[ep.name].origin} replaces the installed "
+                    f"{ep.value}"
+                )
                 continue
             config = ConfigParser()
             stoq_file = _entry_point_stoq_file(ep.module, ep.name)

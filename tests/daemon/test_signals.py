@@ -80,7 +80,6 @@ def test_sigint_stops_like_sigterm(make_run: Callable[..., Run]) -> None:
     assert stopping == ["signal SIGINT"]
 
 
-# Not strict: the event is missing in roughly one run of ten.
 def test_a_provider_stopped_at_shutdown_is_logged(make_run: Callable[..., Run]) -> None:
     run = make_run({"core": {"providers": "hang"}})
     daemon = run.start()
