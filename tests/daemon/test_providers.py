@@ -94,6 +94,25 @@ def test_a_crash_loop_is_fatal_after_startretries_and_the_daemon_exits_1(
     assert {o[1] for o in run.outcomes()} == {"saved"}
 
 
+def test_a_provider_that_stayed_up_past_startsecs_is_never_fatal(
+    make_run: Callable[..., Run],
+) -> None:
+    """Each crash comes after more than startsecs of running, so each one resets the
+    failure count: more crashes than startretries allows in a row, and still no FATAL."""
+    run = make_run({
+        "core": {"providers": "crash_loop"},
+        "stoqd": {"startsecs": 0.5, "startretries": 1},
+        "crash_loop": {"after": 0.8},
+    })  # fmt: skip
+    daemon = run.start()
+    status = daemon.wait_for(
+        lambda s: _provider(s, "crash_loop")["restarts"] >= 4, timeout=60, what="4 restarts"
+    )
+    assert _provider(status, "crash_loop")["state"] != "FATAL"
+    assert _events(run, "fatal", provider="crash_loop") == []
+    assert len(_events(run, "backoff", provider="crash_loop")) >= 4
+
+
 def test_per_provider_startretries_override(make_run: Callable[..., Run]) -> None:
     run = make_run({
         "core": {"providers": "crash_loop"},

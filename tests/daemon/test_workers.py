@@ -104,6 +104,23 @@ def test_workers_are_recycled_after_max_payloads_and_nothing_is_lost(
     assert recycled and {e["reason"] for e in recycled} == {"payloads"}
 
 
+def test_workers_over_max_rss_are_recycled_one_at_a_time_and_nothing_is_lost(
+    make_run: Callable[..., Run],
+) -> None:
+    # Every Python worker is over 1 MiB: each is replaced in turn, and scanning goes on.
+    run = make_run({
+        "core": {"providers": "source"},
+        "stoqd": {"workers": 2, "worker_max_rss": "1M"},
+        "source": {"count": 30, "delay": 0.05, "outcomes": "{dir}/outcomes"},
+    })  # fmt: skip
+    daemon = run.start()
+    assert daemon.wait_exit() == 0, daemon.log()
+    assert run.saved_ids() == {f"item-{i}": 1 for i in range(1, 31)}
+    recycled = [e for e in daemon.events() if e["event"] == "recycling"]
+    assert recycled and {e["reason"] for e in recycled} == {"memory"}
+    assert all(e["rss"] > 1 << 20 for e in recycled)
+
+
 def test_a_worker_killed_while_idle_is_replaced(make_run: Callable[..., Run]) -> None:
     run = make_run({
         "core": {"providers": "source"},
