@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import configparser
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -120,13 +121,33 @@ def _normal(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def _lock_entries() -> List[tuple]:
+    """(line number, requirement, options) per requirement of the lock, continuations joined.
+
+    Read here independently of deploy/docker/lock_hashes.py, so a bug there shows up.
+    """
+    entries, pending, first = [], "", 0
+    for number, raw in enumerate(LOCK.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        first = first if pending else number
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        requirement, *options = (pending + line).split()
+        entries.append((first, requirement, options))
+        pending = ""
+    assert not pending, "requirements.lock ends in a continuation line"
+    return entries
+
+
 def _lock() -> Dict[str, str]:
     pins = {}
-    for line in LOCK.read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, sep, version = line.partition("==")
-            assert sep and version, f"requirements.lock: {line!r} is not pinned with =="
-            pins[_normal(name)] = version
+    for number, requirement, _ in _lock_entries():
+        name, sep, version = requirement.partition("==")
+        assert sep and version, f"requirements.lock:{number}: {requirement!r} is not pinned with =="
+        pins[_normal(name)] = version
     return pins
 
 
@@ -143,6 +164,89 @@ def test_lock_pins_every_dependency_at_the_tested_version() -> None:
         assert metadata.version(name) == version, (
             f"requirements.lock pins {name}=={version}; the tests run {metadata.version(name)}"
         )
+
+
+_SHA256 = re.compile(r"--hash=sha256:[0-9a-f]{64}")
+
+
+def _platform_specific(name: str) -> bool:
+    """Whether the dev venv's copy of ``name`` came from a wheel built for one platform."""
+    try:
+        wheel = metadata.distribution(name).read_text("WHEEL") or ""
+    except metadata.PackageNotFoundError:
+        return False
+    tags = [line.split(":", 1)[1].strip() for line in wheel.splitlines() if line.startswith("Tag:")]
+    return any(not tag.endswith("-any") for tag in tags)
+
+
+def test_lock_hashes_every_pin_for_both_architectures() -> None:
+    """pip --require-hashes refuses a lock with one unhashed pin; the image builds on
+    x86_64 and aarch64, so a compiled package needs a file for each."""
+    entries = _lock_entries()
+    assert len(entries) == len(_lock()) >= 2
+    for number, requirement, options in entries:
+        assert options, f"requirements.lock:{number}: {requirement} has no --hash"
+        for option in options:
+            assert _SHA256.fullmatch(option), f"requirements.lock:{number}: {option!r}"
+        name = requirement.partition("==")[0]
+        if _platform_specific(name):
+            assert len(set(options)) >= 2, (
+                f"requirements.lock:{number}: {requirement} is compiled but has one hash:"
+                " run deploy/docker/lock_hashes.py"
+            )
+
+
+def test_dockerfile_installs_nothing_unhashed() -> None:
+    """The lock is installed with --require-hashes; the only other pip install is stoqd's
+    own source, which must fetch nothing (--no-deps, --no-build-isolation)."""
+    installs = [rest for word, rest in instructions() if word == "RUN" and "pip install" in rest]
+    (from_lock,) = [rest for rest in installs if "/tmp/requirements.lock" in rest]
+    assert "--require-hashes" in from_lock.split(), from_lock
+    for rest in installs:
+        if rest is not from_lock:
+            words = rest.split()
+            assert "--no-deps" in words and "--no-build-isolation" in words, rest
+
+
+def _lock_hashes_module():
+    """deploy/docker/lock_hashes.py, imported from its path (deploy/ is no package)."""
+    if "lock_hashes" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("lock_hashes", DOCKER / "lock_hashes.py")
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["lock_hashes"] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["lock_hashes"]
+
+
+def test_lock_is_in_the_regeneration_scripts_format() -> None:
+    """lock_hashes.py reads the lock and writes it back unchanged, so regenerating it
+    changes only what changed upstream, and its parser agrees with the one above."""
+    lock_hashes = _lock_hashes_module()
+    text = LOCK.read_text()
+    lines = lock_hashes.parse_lock(text)
+    assert lock_hashes.render_lock(lines) == text
+    pins = {_normal(pin.name): pin.version for pin in lines if isinstance(pin, lock_hashes.Pin)}
+    assert pins == _lock()
+
+
+def test_lock_hashes_script_names_a_bad_line() -> None:
+    lock_hashes = _lock_hashes_module()
+    with pytest.raises(ValueError) as raised:
+        lock_hashes.parse_lock("# header\nidna==3.20 \\\n    --hash=sha256:ab\nrequests>=2\n")
+    assert str(raised.value) == "requirements.lock line 4: 'requests>=2' is not pinned with =="
+    with pytest.raises(ValueError) as raised:
+        lock_hashes.parse_lock("idna==3.20 \\\n    --hash=md5:ab\n")
+    assert str(raised.value) == "requirements.lock line 1: unexpected '--hash=md5:ab'"
+
+
+def test_lock_hashes_script_asks_for_glibc_wheels_newest_first() -> None:
+    lock_hashes = _lock_hashes_module()
+    tags = lock_hashes.platform_tags("aarch64")
+    assert tags[0] == "manylinux_2_36_aarch64" and tags[-1] == "linux_aarch64"
+    assert tags.index("manylinux_2_28_aarch64") < tags.index("manylinux2014_aarch64")
+    assert not any("musllinux" in tag or "x86_64" in tag for tag in tags)
+    assert "manylinux1_x86_64" in lock_hashes.platform_tags("x86_64")
 
 
 # -- compose ---------------------------------------------------------------------------
