@@ -49,6 +49,8 @@ _PROPERTIES = (
 )  # fmt: skip
 _SAVED_IDS_KEPT = 100_000  # ids saved but not acknowledged (channel lost): skip redeliveries
 _REPORT_EVERY = 0.5
+# How long saved messages wait behind an unsaved one for a multiple-ack to cover them.
+_OUT_OF_ORDER_WAIT = 0.05
 _LAG_EVERY = 5.0
 
 
@@ -349,6 +351,8 @@ class _Consumer:
         # front is acked with one multiple-ack.
         self.unsettled: collections.OrderedDict[int, Optional[str]] = collections.OrderedDict()
         self._saved_unsettled = 0  # entries of ``unsettled`` that are saved (not None)
+        # When saved messages began to wait behind an unsaved one (see _flush_acks).
+        self._waiting_since: Optional[float] = None
         self._unfinished_count = 0  # put and not finished, with or without a message id
         self.stats: Dict[str, Any] = {
             "connection": "connecting", "queue": plugin.queue_name,
@@ -437,8 +441,10 @@ class _Consumer:
                 self._stop_consuming()
             self._put_pending()
             self._drain_outcomes()
-            # Short waits keep heartbeats answered and acks prompt while put() is full.
-            self.connection.process_data_events(time_limit=0 if self.pending else 0.2)
+            # Short waits keep heartbeats answered and acks prompt while put() is full,
+            # and wake the loop in time for saved messages waiting out of order.
+            wait = 0 if self.pending else _OUT_OF_ORDER_WAIT if self._saved_unsettled else 0.2
+            self.connection.process_data_events(time_limit=wait)
             self._drain_outcomes()
             self._maybe_lag()
             self._report()
@@ -478,7 +484,9 @@ class _Consumer:
 
     def _close(self) -> None:
         try:
-            self._drain_outcomes()  # acks for outcomes that arrived with the stop signal
+            # Acks for outcomes that arrived with the stop signal, and for saved messages
+            # that waited behind one still being scanned: none is left to be redelivered.
+            self._drain_outcomes(everything=True)
             if self.connection is not None and self.connection.is_open:
                 self.connection.close()
         except Exception as exc:  # closing a broken link: nothing more to do
@@ -561,15 +569,23 @@ class _Consumer:
             except Exception:  # closed meanwhile: the loop drains outcomes anyway
                 pass
 
-    def _drain_outcomes(self) -> None:
+    def _drain_outcomes(self, everything: bool = False) -> None:
         while self.outcomes:
             delivery, outcome = self.outcomes.popleft()
             self._finish(delivery, outcome)
         if self.channel is not None:
-            self._flush_acks()
+            self._flush_acks(everything)
         self.stats["in_flight"] = self._unfinished()
 
-    def _flush_acks(self) -> None:
+    def _flush_acks(self, everything: bool = False) -> None:
+        """Acknowledge saved messages: the run of them at the front of ``unsettled`` with
+        one multiple-ack (it covers exactly that run: every earlier tag is settled).
+
+        Saved messages behind one not yet saved wait up to ``_OUT_OF_ORDER_WAIT``: workers
+        finish neighbours out of order all the time, and the next run usually covers them
+        with no ack of their own. After that (or with ``everything``) each is acked on its
+        own, so a slow scan never holds up delivery for longer.
+        """
         assert self.channel is not None
         if not self._saved_unsettled:
             return  # the usual case between completions: nothing to walk
@@ -579,12 +595,19 @@ class _Consumer:
             for tag, _ in run:  # only once sent: a failed ack leaves them for _lost
                 del self.unsettled[tag]
             self._settled(len(run))
-        if self._saved_unsettled:  # saved behind one still being scanned
+        if not self._saved_unsettled:
+            self._waiting_since = None
+            return
+        now = time.monotonic()
+        if self._waiting_since is None:
+            self._waiting_since = now
+        if everything or now - self._waiting_since >= _OUT_OF_ORDER_WAIT:
             saved = [tag for tag, message_id in self.unsettled.items() if message_id is not None]
             for tag in saved:
                 self.channel.basic_ack(tag)
                 del self.unsettled[tag]
                 self._settled(1)
+            self._waiting_since = None
 
     def _settled(self, count: int) -> None:
         self._saved_unsettled -= count
@@ -593,6 +616,7 @@ class _Consumer:
     def _clear_unsettled(self) -> None:
         self.unsettled.clear()
         self._saved_unsettled = 0
+        self._waiting_since = None
 
     def _forget_tag(self, tag: int) -> None:
         """Drop a delivery tag acked or rejected one by one (not by ``_flush_acks``)."""

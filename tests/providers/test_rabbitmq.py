@@ -468,6 +468,58 @@ def test_message_is_acked_only_after_its_result_is_saved(
     assert run.saved()[0]["message_id"] == "held"
 
 
+def test_a_slow_message_does_not_hold_up_the_ones_behind_it(
+    mq_rabbitmq: RabbitNode, broker: Broker, runs: Any
+) -> None:
+    queue = unique()
+    declare(mq_rabbitmq, queue)
+    broker.publish(queue, b"HOLD the head", message_id="held")
+    fast = [f"m{n}" for n in range(20)]
+    for message_id in fast:
+        broker.publish(queue, message_id.encode(), message_id=message_id)
+    run = runs(mq_rabbitmq, queue, prefetch=4)
+    daemon = run.start()
+    _wait(lambda: (run.gate / "holding").exists(), "the slow scan to start")
+    # Five times the prefetch window went by while the first message is still scanned:
+    # the ones saved behind it were acked, or the broker would have stopped delivering.
+    # (A few may be queued behind the held one in its worker: those wait with it.)
+    _wait(lambda: len(run.saved()) >= 16, "the messages behind the slow one", 60)
+    assert "held" not in [r["message_id"] for r in run.saved()]
+    assert _unacked(mq_rabbitmq, queue) >= 1
+    (run.gate / "release").touch()
+    _wait(lambda: len(run.saved()) == 21, "every result", 60)
+    daemon.wait_for(lambda s: run.stats().get("acked") == 21, what="every ack")
+    assert sorted(r["message_id"] for r in run.saved()) == sorted(["held", *fast])
+    assert broker.ready(queue) == 0 and _unacked(mq_rabbitmq, queue) == 0
+
+
+def test_kill_9_while_a_slow_message_is_scanned_redelivers_it_and_not_what_was_acked(
+    mq_rabbitmq: RabbitNode, broker: Broker, runs: Any
+) -> None:
+    queue = unique()
+    declare(mq_rabbitmq, queue)
+    broker.publish(queue, b"HOLD the head", message_id="held")
+    ids = ["held"] + [f"m{n}" for n in range(12)]
+    for message_id in ids[1:]:
+        broker.publish(queue, message_id.encode(), message_id=message_id)
+    run = runs(mq_rabbitmq, queue, prefetch=10)
+    daemon = run.start()
+    _wait(lambda: (run.gate / "holding").exists(), "the slow scan to start")
+    # Saved out of order, behind the held message: acked one by one, never by a
+    # multiple-ack reaching over the held one.
+    daemon.wait_for(lambda s: (run.stats().get("acked") or 0) >= 5, what="acks behind it")
+    acked = run.stats()["acked"]
+    os.killpg(daemon.pid, signal.SIGKILL)  # supervisor, provider and workers at once
+    daemon.process.wait()
+    _wait(lambda: _unacked(mq_rabbitmq, queue) == 0, "the broker to take the messages back")
+    back = [properties.message_id for properties, _ in broker.get_all(queue)]
+    assert "held" in back
+    assert len(back) <= len(ids) - acked  # an acked message never comes back
+    saved = {r["message_id"] for r in run.saved()}
+    assert "held" not in saved
+    assert saved | set(back) == set(ids)  # each saved, or back on the queue
+
+
 def test_kill_9_of_a_worker_mid_scan_loses_nothing(
     mq_rabbitmq: RabbitNode, broker: Broker, runs: Any
 ) -> None:
