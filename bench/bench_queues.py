@@ -22,7 +22,7 @@ With ``--repeat N`` each source runs N times and the run with the median stoqd r
 shown.
 
 Run: ``.venv/bin/python bench/bench_queues.py [--messages N] [--size S] [--only NAME]
-[--repeat N]``.
+[--repeat N] [--prefetch N]`` (stoqd's ``max_queue`` is twice the prefetch, at least 100).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the broker fixtures' classes, without
 from stoqd.ctl import request  # noqa: E402
 from stoqd.testing import Daemon, write_config  # noqa: E402
 
-PREFETCH = 200
+PREFETCH = 200  # --prefetch: messages a consumer holds unacknowledged, bare and stoqd alike
 WORKERS = 2
 RAM = "/dev/shm" if os.path.isdir("/dev/shm") else None
 TICK = os.sysconf("SC_CLK_TCK")
@@ -141,7 +141,7 @@ def run_daemon(name: str, options: Dict[str, Any], count: int, counter: str,
     root = Path(tempfile.mkdtemp(prefix="stoqd-bq-", dir=RAM))
     config = write_config(root, {
         "core": {"providers": name, "connectors": "jsonl", "always_dispatch": "hash",
-                 "max_queue": PREFETCH * 2, "log_level": "WARNING"},
+                 "max_queue": max(100, PREFETCH * 2), "log_level": "WARNING"},
         "stoqd": {"workers": WORKERS},
         name: options,
         "jsonl": {"output_file": "${here}/results.jsonl"},
@@ -368,6 +368,7 @@ def cpu_lines(name: str, run: Measured) -> Iterable[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    global PREFETCH
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--size", type=int, default=4096)
@@ -375,7 +376,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2,000 messages")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per source; the median stoqd rate is shown")  # fmt: skip
+    parser.add_argument("--prefetch", type=int, default=PREFETCH,
+                        help=f"prefetch / flow control of both consumers ({PREFETCH})")  # fmt: skip
     args = parser.parse_args(argv)
+    PREFETCH = max(1, args.prefetch)
     count = 2_000 if args.quick else args.messages
     print(f"{count} messages of {args.size} bytes; prefetch/flow control {PREFETCH}; "
           f"{WORKERS} workers; hash (sha256) -> jsonl on tmpfs; {os.cpu_count()} cores; "
