@@ -102,7 +102,7 @@ class RabbitmqPlugin(ProviderPlugin, ConnectorPlugin):
         self.exchange = self.option("exchange", "", str).strip()
         self.exchange_type = self.option("exchange_type", "direct", str).strip()
         self.routing_keys = self.option("routing_key", [], list)
-        self.prefetch = self.option("prefetch", 10, positive_int)
+        self.prefetch = self.option("prefetch", 50, positive_int)
         self.max_retries = self.option("max_retries", 3, int)
         self.dead_letter_exchange = self.option("dead_letter_exchange", "stoqd.dead-letter", str)
         self.dead_letter_queue = self.option("dead_letter_queue", "", str).strip()
