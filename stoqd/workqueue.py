@@ -206,8 +206,9 @@ class ProviderQueue:
         """Called by the reader thread for each message from the supervisor."""
         kind = header.get("t")
         if kind == "credit":
-            for _ in range(int(header["n"])):
-                self._credits.release()
+            count = int(header["n"])
+            if count > 0:  # one wake-up for the whole batch, not one per credit
+                self._credits.release(count)
         elif kind == "done":
             self._complete(header)
         elif kind == "stop":
