@@ -296,17 +296,19 @@ def message_item(
     extra_data: Dict[str, Any],
     max_size: int,
     json_references: bool = True,
+    payload_id: Optional[str] = None,
 ) -> Union[Payload, Dict[str, Any]]:
     """A message as stoqd work: a payload, or an archiver reference when it is JSON.
 
-    Raises ``MessageError`` for what can never be scanned.
+    ``payload_id`` names the payload (a new UUID when None). Raises ``MessageError`` for
+    what can never be scanned.
     """
     if max_size and len(body) > max_size:
         raise MessageError(f"message of {len(body)} bytes exceeds max_message_size {max_size}")
     kind = (content_type or "").split(";")[0].strip().lower()
     if json_references and kind == "application/json":
         return archiver_reference(body)
-    return Payload(body, PayloadMeta(extra_data=extra_data))
+    return Payload(body, PayloadMeta(extra_data=extra_data), payload_id=payload_id)
 
 
 def archiver_reference(body: bytes) -> Dict[str, Any]:
@@ -354,6 +356,7 @@ class _Consumer:
         # When saved messages began to wait behind an unsaved one (see _flush_acks).
         self._waiting_since: Optional[float] = None
         self._unfinished_count = 0  # put and not finished, with or without a message id
+        self._id_prefix = f"rabbitmq-{os.getpid()}-"  # + channel generation and delivery tag
         self.stats: Dict[str, Any] = {
             "connection": "connecting", "queue": plugin.queue_name,
             "acknowledgement": "after results are saved", "received": 0, "acked": 0,
@@ -525,9 +528,12 @@ class _Consumer:
                 self.parked.setdefault(message_id, []).append(delivery)
                 return True
         try:
+            # stoqd's queue carries content and metadata only (the worker names the payload
+            # it scans), so this short-lived Payload gets a cheap id, not a uuid4 each.
+            payload_id = f"{self._id_prefix}{delivery.generation}-{delivery.tag}"
             item = message_item(delivery.body, delivery.properties.content_type,
                                 self._extra_data(delivery), self.plugin.max_message_size,
-                                self.plugin.json_references)  # fmt: skip
+                                self.plugin.json_references, payload_id)  # fmt: skip
         except MessageError as exc:
             self._dead_letter(delivery, str(exc))
             return True
