@@ -84,9 +84,10 @@ def with_number(raw_header: bytes, key: str, number: int) -> bytes:
 
 
 def _append(raw_header: bytes, members: bytes) -> bytes:
-    if raw_header == b"{}":
-        return b"{%s}" % members
-    return b"".join((raw_header[:-1], b",", members, b"}"))
+    # decode_header accepted raw_header as one JSON object, so it ends with "}"; it may
+    # still hold whitespace (another encoder's "{ }"), which the comma must not follow.
+    head = raw_header.rstrip()[:-1].rstrip()
+    return b"".join((head, b"" if head.endswith(b"{") else b",", members, b"}"))
 
 
 def decode_header(raw: Buffer) -> Dict[str, Any]:
