@@ -453,7 +453,7 @@ def _check_daemon_plugins(stoq: Stoq) -> None:
     if not stoq.core("providers"):
         where = stoq.config.path or "the configuration"
         raise _Exit(EX_CONFIG, [f"{where}: [core] providers: no provider configured"])
-    from .daemon import preflight
+    from .preflight import preflight
 
     problems, warnings = preflight(stoq, providers=True)
     for line in warnings:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import difflib
 import sys
-from typing import TYPE_CHECKING, Any, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional
 
 from . import logs
 from .config import EX_CONFIG, ConfigError
 from .control.server import SocketError, SocketInUse
 from .framework.data import RequestMeta
-from .framework.exceptions import StoqPluginException
-from .framework.plugins import WorkerPlugin
+from .preflight import preflight
 
 if TYPE_CHECKING:
     from .framework.core import Stoq
@@ -25,76 +23,6 @@ def _error(message: str) -> None:
     if logs.renders_json():
         logs.get().error("config_error", error=message)
     print(message, file=sys.stderr)
-
-
-def preflight(stoq: Stoq, providers: bool) -> Tuple[List[str], List[str]]:
-    """Build the scan plugins (and with ``providers``, the providers) once here: one
-    that cannot load, rejects its options or has a misspelt option stops stoqd (exit 78)
-    before any child starts, rather than failing in every worker.
-
-    The daemon leaves providers out: one that cannot start is FATAL at once in its own
-    child while the others run. ``--check-config`` includes them.
-
-    Returns (problems, warnings), one line each, naming the file and the plugin's section.
-    """
-    where = stoq.config.display_path
-    problems: List[str] = []
-    warnings: List[str] = []
-    lists = _PLUGIN_LISTS if providers else _PLUGIN_LISTS[1:]
-    names = [name for key in lists for name in stoq.core(key)]
-    for name in dict.fromkeys(names):
-        try:
-            plugin = stoq.load_plugin(name)
-        except StoqPluginException as exc:
-            message = str(exc)
-            if name in stoq.config.plugin_opts:  # "[hash] option x ..." for "plugin hash: ..."
-                message = f"[{name}] {message.removeprefix(f'plugin {name}: ')}"
-            problems.append(f"{where}: {message}")
-            continue
-        _check_option_names(stoq, name, plugin, problems, warnings)
-    return problems, warnings
-
-
-_PLUGIN_LISTS = (
-    "providers",
-    "source_archivers",
-    "dest_archivers",
-    "connectors",
-    "dispatchers",
-    "decorators",
-    "always_dispatch",
-)
-
-
-def _check_option_names(
-    stoq: Stoq, name: str, plugin: Any, problems: List[str], warnings: List[str]
-) -> None:
-    """Keys of ``[NAME]`` the plugin neither declares (``.stoq [options]``) nor read.
-
-    A stoQ v2 plugin may read options straight from ``plugin_opts`` later on, so an
-    unknown key is only an error when it looks like a misspelling of a known one.
-    """
-    known = set(stoq.registry.spec(name).default_options()) | set(
-        getattr(plugin, "options_read", ())
-    )
-    if isinstance(plugin, WorkerPlugin):
-        known.add("required_workers")
-    where = stoq.config.display_path
-    for key in stoq.config.plugin_opts.get(name, {}):
-        if key in known:
-            continue
-        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-        if close:
-            problems.append(
-                f"{where}: [{name}] {key}: not an option of plugin {name} "
-                f"(did you mean {close[0]}?)"
-            )
-        else:
-            listing = ", ".join(sorted(known)) or "none"
-            warnings.append(
-                f"{where}: [{name}] {key}: plugin {name} did not read this option "
-                f"(its options: {listing})"
-            )
 
 
 def run_daemon(
