@@ -11,11 +11,13 @@ import os
 import socket
 import sys
 import threading
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from . import childproc, logs
 from .framework.core import Stoq
+from .framework.exceptions import StoqPluginException
 from .framework.plugins import ProviderPlugin
+from .preflight import check_option_names
 from .wire import Endpoint
 from .workqueue import ProviderQueue
 
@@ -32,6 +34,17 @@ def _read_supervisor(endpoint: Endpoint, queue: ProviderQueue) -> None:
             log.error("done_callback_failed", error=childproc.one_line(exc))
 
 
+def _check_options(stoq: Stoq, name: str, plugin: ProviderPlugin) -> None:
+    """A misspelt option in the provider's section is a boot failure (FATAL at once)."""
+    problems: List[str] = []
+    warnings: List[str] = []
+    check_option_names(stoq, name, plugin, problems, warnings)
+    for line in warnings:
+        logs.get().warning("config_unread_option", detail=line)
+    if problems:
+        raise StoqPluginException(problems[0])
+
+
 def provider_main(
     name: str, sock: socket.socket, spec: Dict[str, Any], settings: Dict[str, Any]
 ) -> None:
@@ -39,9 +52,11 @@ def provider_main(
     log = logs.get()
     endpoint = Endpoint(sock)
     try:
-        plugin = Stoq.from_spec(spec).load_plugin(name)
+        stoq = Stoq.from_spec(spec)
+        plugin = stoq.load_plugin(name)
         if not isinstance(plugin, ProviderPlugin):
             raise TypeError(f"plugin {name} is not a ProviderPlugin")
+        _check_options(stoq, name, plugin)
     except Exception as exc:  # whatever a plugin's import or __init__ raises
         error = childproc.one_line(exc)
         log.error("boot_failed", provider=name, error=error)

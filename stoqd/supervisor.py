@@ -30,12 +30,15 @@ from .children import Item, ProviderHandle, WorkerHandle, describe_exit, rss_byt
 from .control import server as control_server
 from .control.protocol import ControlError
 from .framework.core import Stoq
+from .preflight import preflight
 from .providerproc import provider_main
 from .states import Event, State, next_state
 from .wire import Channel, with_number
 from .workers import worker_main
 from .workqueue import FAILED, NOT_DONE, SAVED, new_spool_dir
 
+# Bound when the daemon starts; a reload keeps their running values (and says so).
+RESTART_ONLY = ("control_socket", "control_group", "spool_dir", "metrics_address")
 PREFETCH = 4  # items a worker holds: one scanning, the rest ready, so it never waits on us
 RSS_CHECK_EVERY = 5.0
 HISTOGRAM_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 300.0)
@@ -89,6 +92,7 @@ class Supervisor:
         self.signals: Deque[int] = deque()
         self.stopping_since: Optional[float] = None
         self.exit_code = 0
+        self.boot_failed: set[str] = set()  # providers FATAL because they could not load
         self.started = time.monotonic()
         self.counters = {
             "worker_recycles": 0,
@@ -216,6 +220,7 @@ class Supervisor:
 
     def _start_provider(self, handle: ProviderHandle) -> None:
         handle.generation += 1
+        self.boot_failed.discard(handle.name)
         handle.state = next_state(handle.state, Event.START)
         handle.next_retry = None
         handle.ready_at = None
@@ -297,6 +302,7 @@ class Supervisor:
             log.info("exited", provider=handle.name, exit=how, reason="exhausted")
         elif code == EXIT_BOOT:
             handle.state = next_state(handle.state, Event.BOOT_FAILED)
+            self.boot_failed.add(handle.name)
             log.error(
                 "fatal",
                 provider=handle.name,
@@ -574,7 +580,10 @@ class Supervisor:
     ) -> None:
         handle = self.providers.get(item.provider)
         if item.header.get("kind") == "spool":
-            _unlink(item.header["path"])
+            path = str(item.header.get("path", ""))
+            # Only ever delete inside our own spool, whatever a provider's header says.
+            if os.path.dirname(os.path.abspath(path)) == self.spool_dir:
+                _unlink(path)
         if status == FAILED:
             log.warning("failed", provider=item.provider, seq=item.seq, error=error)
         if handle is None:
@@ -646,7 +655,10 @@ class Supervisor:
             if self.items:
                 return False
             fatal = [p.name for p in self.providers.values() if p.state is State.FATAL]
-            self.exit_code = 1 if fatal else 0
+            # A provider that could not even load or rejected its options is a
+            # configuration problem: 78, which systemd and supervisord do not restart.
+            boot = [name for name in fatal if name in self.boot_failed]
+            self.exit_code = (configuration.EX_CONFIG if boot else 1) if fatal else 0
             self.begin_shutdown(
                 "every provider is finished" + (f"; fatal: {fatal}" if fatal else "")
             )
@@ -730,13 +742,21 @@ class Supervisor:
         try:
             fresh = Stoq(config_file=str(path))
             fresh.check()
+            # The workers will be rebuilt on it: a scan plugin that cannot load must not
+            # take down the running pool, so it is built here first.
+            problems, warnings = preflight(fresh, providers=False)
+            if problems:
+                raise configuration.ConfigError(problems)
         except (configuration.ConfigError, Exception) as exc:
             problems = getattr(exc, "problems", [str(exc)])
             log.error("reload_failed", error="; ".join(problems), kept="previous configuration")
             return
-        old_opts = self.stoq.plugin_opts
+        for line in warnings:
+            log.warning("config_unread_option", detail=line)
+        old_opts, old_daemon = self.stoq.plugin_opts, self.daemon
         self.stoq, self.config, self.spec = fresh, fresh.config, fresh.spec()
         self._apply_settings()
+        self._keep_restart_only_settings(old_daemon)
         self.config_generation += 1  # workers are recycled one by one onto the new config
         wanted = list(fresh.core("providers"))
         for name in wanted:
@@ -754,6 +774,20 @@ class Supervisor:
             if handle.alive() or handle.state is State.BACKOFF:
                 self.stop_provider(handle)  # STOPPING: its exit is logged as stopped
         log.info("reloaded", providers=wanted, workers=self.n_workers)
+
+    def _keep_restart_only_settings(self, old: Dict[str, Any]) -> None:
+        """Settings bound at start (the control socket, the spool, the metrics endpoint)
+        keep their running values until a restart; a reload says so instead of
+        pretending to apply them."""
+        changed = [key for key in RESTART_ONLY if self.daemon[key] != old[key]]
+        for key in changed:
+            self.daemon[key] = old[key]
+        if changed:
+            log.warning(
+                "reload_partial",
+                keys=changed,
+                detail="these take effect at the next start; running values kept",
+            )
 
     # -- plumbing ---------------------------------------------------------------------
 

@@ -13,15 +13,17 @@ pushed through the socket, so memory is bounded by configuration, not by file si
 
 from __future__ import annotations
 
+import fcntl
 import os
 import queue as stdlib_queue
+import shutil
 import stat
 import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, NoReturn, Optional, Union
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Union
 
 from .framework.data import Payload, PayloadMeta, RequestMeta
 from .framework.helpers import dumps
@@ -317,10 +319,56 @@ def request_meta_of(header: Dict[str, Any], default: Optional[RequestMeta]) -> R
     )
 
 
+_SPOOL_LOCKS: List[int] = []  # held open (and flock'ed) for the supervisor's lifetime
+
+
 def new_spool_dir(configured: str) -> str:
-    """A private spool directory, on tmpfs when there is one."""
+    """A private spool directory, on tmpfs when there is one.
+
+    The supervisor holds a lock on it while it lives, so the next start can tell the
+    spool of a daemon that was SIGKILLed (its payloads would otherwise sit in RAM until
+    reboot) from the spool of one that is running, and removes the former.
+    """
     parent = configured or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
     os.makedirs(parent, exist_ok=True)
-    path = os.path.join(parent, f"stoqd-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    _remove_stale_spools(parent)
+    path = os.path.abspath(os.path.join(parent, f"stoqd-{os.getpid()}-{uuid.uuid4().hex[:8]}"))
     os.mkdir(path, 0o700)
+    lock = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _SPOOL_LOCKS.append(lock)
     return path
+
+
+def _remove_stale_spools(parent: str) -> None:
+    """Remove our spools whose daemon is gone: unlocked, and its pid not running."""
+    with os.scandir(parent) as entries:
+        for entry in entries:
+            parts = entry.name.split("-")
+            if len(parts) != 3 or parts[0] != "stoqd" or not parts[1].isdigit():
+                continue
+            if not entry.is_dir(follow_symlinks=False) or _pid_alive(int(parts[1])):
+                continue
+            if entry.stat(follow_symlinks=False).st_uid != os.geteuid():
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: a live daemon's
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -563,6 +563,28 @@ def test_stoqd_reports_every_plugin_problem_naming_file_and_section(
     ]
 
 
+def test_a_misspelt_provider_option_makes_it_fatal_at_once_and_exits_78(
+    run_cmd, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "stoq.cfg"
+    cfg.write_text(
+        f"[core]\nproviders = dirscan\n[dirscan]\nsource_dir = {tmp_path}\nactoin = delete\n"
+        "[stoqd]\ncontrol_socket = run/s.sock\n"
+    )
+    done = run_cmd("stoqd", "-c", cfg)
+    assert done.returncode == 78, done.stderr
+    events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    fatal = [e for e in events if e["event"] == "fatal"]
+    assert [(e["provider"], e["error"]) for e in fatal] == [
+        (
+            "dirscan",
+            f"StoqPluginException: {cfg}: [dirscan] actoin: not an option of plugin dirscan "
+            "(did you mean action?)",
+        )
+    ]
+    assert not [e for e in events if e["event"] == "backoff"]  # not a restart loop
+
+
 def test_check_config_reports_a_misspelt_provider_option(run_cmd, tmp_path: Path) -> None:
     cfg = tmp_path / "stoq.cfg"
     cfg.write_text("[core]\nproviders = dirscan\n[dirscan]\nsource_dir = /tmp\nactoin = delete\n")

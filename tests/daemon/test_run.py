@@ -11,6 +11,7 @@ import hashlib
 import os
 import pty
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,6 +153,30 @@ def test_huge_payloads_leave_the_spool_empty_while_running(make_run: Callable[..
     daemon.close()
     assert list(spool_parent.iterdir()) == []  # and the spool itself at exit
     spool_parent.rmdir()
+
+
+def test_the_spool_of_a_sigkilled_daemon_is_removed_at_the_next_start(
+    make_run: Callable[..., Run],
+) -> None:
+    """On tmpfs a leftover spool is RAM lost until reboot; a live daemon's is never touched."""
+    spool_parent = temp_dir("stoqd-spool-")
+    run = make_run({"core": {"providers": "hang"}, "stoqd": {"spool_dir": str(spool_parent)}})
+    killed = run.start()
+    killed.wait_for(lambda s: s["providers"][0]["state"] == "RUNNING", what="RUNNING")
+    [left] = list(spool_parent.iterdir())
+    (left / "payload").write_bytes(b"x" * 1024)  # as if spooled when the kill came
+    killed.signal(signal.SIGKILL)
+    killed.wait_exit()
+    neighbour = spool_parent / f"stoqd-{os.getpid()}-0000live"  # a running daemon's
+    neighbour.mkdir()
+    second = run.start()
+    second.wait_for(lambda s: s["providers"][0]["state"] == "RUNNING", what="RUNNING")
+    spools = sorted(p.name for p in spool_parent.iterdir())
+    assert left.name not in spools
+    assert neighbour.name in spools and len(spools) == 2
+    second.close()
+    neighbour.rmdir()
+    shutil.rmtree(spool_parent, ignore_errors=True)
 
 
 def test_put_file_payloads_are_read_by_the_worker(make_run: Callable[..., Run]) -> None:

@@ -139,6 +139,42 @@ def test_sighup_with_an_invalid_file_keeps_running_and_says_why(
     assert after["daemon"]["state"] == "running"
 
 
+def test_sighup_with_a_worker_rejecting_its_options_keeps_the_pool(
+    make_run: Callable[..., Run],
+) -> None:
+    run = make_run({"core": {"providers": "hang"}})
+    daemon = run.start()
+    before = daemon.wait_for(lambda s: _provider(s, "hang")["state"] == "RUNNING", what="RUNNING")
+    run.configure({"core": {"providers": "hang"}, "hash": {"algorithms": "md5, bogus"}})
+    daemon.signal(signal.SIGHUP)
+    failed = wait_until(
+        lambda: [e for e in daemon.events() if e["event"] == "reload_failed"],
+        what="a reload_failed event",
+    )
+    assert failed[0]["error"].startswith(
+        f"{run.config}: [hash] option algorithms: unknown algorithm 'bogus'"
+    )
+    after = daemon.status()
+    assert sorted(w["pid"] for w in after["workers"]) == sorted(w["pid"] for w in before["workers"])
+    assert after["daemon"]["state"] == "running"
+    assert not [e for e in daemon.events() if e["event"] == "recycling"]
+
+
+def test_sighup_keeps_settings_bound_at_start_and_says_so(make_run: Callable[..., Run]) -> None:
+    run = make_run({"core": {"providers": "hang"}})
+    daemon = run.start()
+    daemon.wait_for(lambda s: _provider(s, "hang")["state"] == "RUNNING", what="RUNNING")
+    run.configure({"core": {"providers": "hang"}, "stoqd": {"control_socket": "{dir}/moved.sock"}})
+    daemon.signal(signal.SIGHUP)
+    partial = wait_until(
+        lambda: [e for e in daemon.events() if e["event"] == "reload_partial"],
+        what="a reload_partial event",
+    )
+    assert partial[0]["keys"] == ["control_socket"]
+    # Still answering where it was; stoqctl reading the edited file would not find it.
+    assert stoqctl("-s", str(daemon.socket), "status").returncode == 0
+
+
 def _remove_hang_by_sighup(run: Run) -> None:
     daemon = run.start()
     daemon.wait_for(
