@@ -3,6 +3,7 @@ archivers, decorators, connectors, references. Real plugins loaded from real dir
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 from typing import Any, Dict, List
@@ -633,3 +634,21 @@ def test_a_plugin_directory_replaces_a_built_in_and_says_so(tmp_path: Path) -> N
         f"plugin hash: {mine} is used; {later} is not",
         f"plugin hash: {mine} replaces the installed stoqd.builtin.hash",
     ]
+
+
+def test_a_scan_leaves_no_reference_cycle_behind(tmp_path: Path) -> None:
+    """What a scan held, its payload included, is freed when it ends, not at the next
+    cyclic collection: a worker scanning 50 MiB files must not keep several of them."""
+    stoq = Stoq(
+        always_dispatch=["hash"],
+        connectors=["jsonl"],
+        plugin_opts={"jsonl": {"output_file": str(tmp_path / "r.jsonl")}},
+    )
+    stoq.load_scan_plugins()
+    gc.collect()
+    gc.disable()
+    try:
+        stoq.scan(b"x" * 4096)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

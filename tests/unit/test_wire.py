@@ -7,7 +7,17 @@ import threading
 
 import pytest
 
-from stoqd.wire import Channel, Decoder, Endpoint, ProtocolError, encode
+from stoqd.wire import (
+    Channel,
+    Decoder,
+    Endpoint,
+    ProtocolError,
+    decode_header,
+    encode,
+    encode_header,
+    with_members,
+    with_number,
+)
 
 
 def test_frames_survive_arbitrary_splits() -> None:
@@ -60,3 +70,19 @@ def test_channel_buffers_instead_of_blocking_and_reports_eof() -> None:
     select.select([ours], [], [], 5)
     assert channel.receive() is None
     assert channel.closed
+
+
+def test_a_forwarded_header_gets_members_appended_and_they_win() -> None:
+    raw = encode_header({"t": "item", "seq": 99, "meta": {"x": [1]}})
+    assert decode_header(with_number(raw, "seq", 5)) == {"t": "item", "seq": 5, "meta": {"x": [1]}}
+    assert decode_header(with_members(b"{ }", {"id": 3, "cb": True})) == {"id": 3, "cb": True}
+
+
+def test_feed_frames_gives_each_header_as_it_arrived() -> None:
+    [(header, raw, body)] = Decoder().feed_frames(encode({"t": "item", "id": 1}, b"abc"))
+    assert (header, raw, body) == ({"t": "item", "id": 1}, b'{"t":"item","id":1}', b"abc")
+
+
+def test_a_header_with_bytes_after_its_object_is_refused() -> None:
+    with pytest.raises(ProtocolError, match="bad frame header"):
+        Decoder().feed(struct.pack("!II", 4, 0) + b"{}{}")
