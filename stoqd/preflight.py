@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 from typing import TYPE_CHECKING, Any, List, Tuple
 
+from .framework.core import SCAN_PLUGIN_KEYS
 from .framework.exceptions import StoqPluginException
 from .framework.plugins import WorkerPlugin
 
@@ -47,15 +48,7 @@ def preflight(stoq: Stoq, providers: bool) -> Tuple[List[str], List[str]]:
     return problems, warnings
 
 
-_PLUGIN_LISTS = (
-    "providers",
-    "source_archivers",
-    "dest_archivers",
-    "connectors",
-    "dispatchers",
-    "decorators",
-    "always_dispatch",
-)
+_PLUGIN_LISTS = ("providers", *SCAN_PLUGIN_KEYS)
 
 
 def check_option_names(

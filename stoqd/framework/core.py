@@ -16,17 +16,22 @@ from .scan import PluginSource, Scan, ScanPolicy, save
 
 log = logging.getLogger("stoqd")
 
-# The [core] keys a Stoq(...) argument overrides; an explicit argument (from the
-# command line) always wins over the file: stoQ v2 let the file's max_recursion win,
-# which surprised users, and stoqd does not keep that quirk.
-_CORE_ARGS = (
-    "providers",
+# The [core] lists naming the plugins a scan uses (providers feed scans; they are not here).
+SCAN_PLUGIN_KEYS = (
     "source_archivers",
     "dest_archivers",
     "connectors",
     "dispatchers",
     "decorators",
     "always_dispatch",
+)
+
+# The [core] keys a Stoq(...) argument overrides; an explicit argument (from the
+# command line) always wins over the file: stoQ v2 let the file's max_recursion win,
+# which surprised users, and stoqd does not keep that quirk.
+_CORE_ARGS = (
+    "providers",
+    *SCAN_PLUGIN_KEYS,
     "max_queue",
     "max_recursion",
     "max_dispatch_passes",
@@ -130,14 +135,7 @@ class Stoq(PluginSource):
 
     def load_scan_plugins(self) -> None:
         """Build every plugin a scan may need now, so a broken one fails before work."""
-        for key in (
-            "source_archivers",
-            "dest_archivers",
-            "connectors",
-            "dispatchers",
-            "decorators",
-            "always_dispatch",
-        ):
+        for key in SCAN_PLUGIN_KEYS:
             for name in self.core(key):
                 self.load_plugin(name)
 
