@@ -323,8 +323,10 @@ def _read_input(file: str, limit: int) -> Tuple[bytes, PayloadMeta]:
             raise _Exit(EX_USAGE, ["stoq: nothing to scan: give FILE, or pipe data on stdin"])
         return _read_stream(sys.stdin.buffer, "stdin", limit), PayloadMeta()
     try:
-        # O_NONBLOCK: opening a FIFO nobody writes to must not hang; reads block again below.
-        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        # A FIFO is opened as `cat` would: waiting for its writer, whose bytes it then
+        # reads. Anything else opens without blocking (a device must not stall the open).
+        fifo = stat.S_ISFIFO(os.stat(file).st_mode)
+        fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC | (0 if fifo else os.O_NONBLOCK))
         with os.fdopen(fd, "rb") as handle:
             os.set_blocking(fd, True)
             info = os.fstat(fd)

@@ -20,10 +20,12 @@ stoqd exits 78 (EX_CONFIG), which the systemd unit treats as "do not restart".
   (allowed: {supervision}).
 - `[NAME]`: options of plugin NAME, layered over its `.stoq [options]` and under
   `--plugin-opts` on the command line. `${{here}}` stands for this file's directory.
-  At start-up stoqd builds every scan plugin (archivers, connectors, dispatchers,
-  decorators, workers): one that rejects its options, or a key that is a misspelling
-  of one of its options, is an error (exit 78); a key the plugin neither declares nor
-  reads is a warning (a stoQ v2 plugin may read options later). A provider that rejects
+  At start-up stoqd builds every plugin named in `[core]` (archivers, connectors,
+  dispatchers, decorators, `always_dispatch` workers; workers reached only through a
+  dispatcher are built when first used): one that rejects its options, or a key that
+  misspells one of the options of a plugin reading them through `option()`, is an
+  error (exit 78); any other key the plugin neither declares nor reads is a warning (a
+  stoQ v2 plugin may read options later). A provider that rejects
   its options is FATAL at once in its own process while the others run;
   `stoqd --check-config` checks providers as well.
 

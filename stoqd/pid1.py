@@ -17,14 +17,9 @@ from __future__ import annotations
 import os
 import signal
 
-FORWARDED = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-)
+# What stoqd acts on (stop, stop, reload, and QUIT's default: stop at once). USR1/USR2
+# are not forwarded: stoqd has no use for them and their default would kill it.
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
 def become_reaper_if_pid1() -> None:

@@ -56,12 +56,12 @@ def check_option_names(
 ) -> None:
     """Keys of ``[NAME]`` the plugin neither declares (``.stoq [options]``) nor read.
 
-    A stoQ v2 plugin may read options straight from ``plugin_opts`` later on, so an
-    unknown key is only an error when it looks like a misspelling of a known one.
+    An unknown key is an error when it looks like a misspelling of a known one and the
+    plugin reads its options through ``option()``; a stoQ v2 plugin may read
+    ``plugin_opts`` directly at any time, so for it the same key is only a warning.
     """
-    known = set(stoq.registry.spec(name).default_options()) | set(
-        getattr(plugin, "options_read", ())
-    )
+    read = set(getattr(plugin, "options_read", ()))
+    known = set(stoq.registry.spec(name).default_options()) | read
     if isinstance(plugin, WorkerPlugin):
         known.add("required_workers")
     where = stoq.config.display_path
@@ -69,14 +69,17 @@ def check_option_names(
         if key in known:
             continue
         close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-        if close:
+        # Only a plugin reading its options through option() is known to read no other
+        # key; a stoQ v2 plugin may read plugin_opts directly, so there it is a warning.
+        if close and read:
             problems.append(
                 f"{where}: [{name}] {key}: not an option of plugin {name} "
                 f"(did you mean {close[0]}?)"
             )
         else:
             listing = ", ".join(sorted(known)) or "none"
+            hint = f"; did you mean {close[0]}?" if close else ""
             warnings.append(
                 f"{where}: [{name}] {key}: plugin {name} did not read this option "
-                f"(its options: {listing})"
+                f"(its options: {listing}{hint})"
             )

@@ -93,6 +93,7 @@ class Supervisor:
         self.stopping_since: Optional[float] = None
         self.exit_code = 0
         self.boot_failed: set[str] = set()  # providers FATAL because they could not load
+        self.retired: List[ProviderHandle] = []  # removed by a reload, not yet exited
         self.started = time.monotonic()
         self.counters = {
             "worker_recycles": 0,
@@ -285,6 +286,7 @@ class Supervisor:
 
     def _on_provider_exit(self, handle: ProviderHandle) -> None:
         self.selector.unregister(handle.process.sentinel)
+        self.retired = [h for h in self.retired if h is not handle]
         if handle.channel is not None and not handle.channel.closed:
             self._on_provider_readable(handle)  # what it said before dying still counts
             self._unregister(handle.channel)
@@ -504,7 +506,7 @@ class Supervisor:
                     self.counters["worker_kills"] += 1
                     log.error("timeout", worker=worker.wid, child_pid=worker.pid, limit=limit)
                     worker.kill()
-        for handle in self.providers.values():  # stoqctl stop: SIGTERM, then SIGKILL
+        for handle in self._all_providers():  # stoqctl stop: SIGTERM, then SIGKILL
             asked = handle.stop_requested_at
             if handle.state is State.STOPPING and asked is not None and handle.alive():
                 if now - asked > self.daemon["graceful_timeout"]:
@@ -516,7 +518,7 @@ class Supervisor:
                     if worker.alive() and worker.killed_for is None:
                         worker.killed_for = "graceful_timeout"
                         worker.kill()
-                for handle in self.providers.values():
+                for handle in self._all_providers():
                     handle.kill()  # they had their grace period too
             elif not self.items:
                 self._stop_children()
@@ -667,13 +669,13 @@ class Supervisor:
         watched = self.selector.get_map()
         alive = [
             c
-            for c in [*self.workers.values(), *self.providers.values()]
+            for c in [*self.workers.values(), *self._all_providers()]
             if c.alive() or (c.process is not None and c.process.sentinel in watched)
         ]
         return not alive
 
     def _cleanup(self, path: str) -> None:
-        for child in [*self.workers.values(), *self.providers.values()]:
+        for child in [*self.workers.values(), *self._all_providers()]:
             child.kill()
             if child.process is not None:
                 child.process.join(timeout=5)
@@ -773,6 +775,8 @@ class Supervisor:
             handle = self.providers.pop(name)
             if handle.alive() or handle.state is State.BACKOFF:
                 self.stop_provider(handle)  # STOPPING: its exit is logged as stopped
+            if handle.alive():  # still escalated to SIGKILL, and waited for at exit
+                self.retired.append(handle)
         log.info("reloaded", providers=wanted, workers=self.n_workers)
 
     def _keep_restart_only_settings(self, old: Dict[str, Any]) -> None:
@@ -790,6 +794,9 @@ class Supervisor:
             )
 
     # -- plumbing ---------------------------------------------------------------------
+
+    def _all_providers(self) -> List[ProviderHandle]:
+        return [*self.providers.values(), *self.retired]
 
     def _forget(self, channel: Channel) -> None:
         """A channel is closing: leave the selector while its fd number is still valid."""

@@ -176,8 +176,10 @@ class ProviderQueue:
         if self.stopping.is_set():
             # No new work during shutdown: the item stays with its source. A blocking put
             # waits for the SIGTERM that follows; a bounded one reports the queue full.
+            while block and timeout is None:
+                time.sleep(3600)  # a plain put() never raises Full; the SIGTERM ends it
             if block:
-                time.sleep(3600 if timeout is None else timeout)
+                time.sleep(timeout or 0)
             self._refuse(header)
         if not self._credits.acquire(blocking=block, timeout=timeout):
             self._refuse(header)
@@ -332,10 +334,15 @@ def new_spool_dir(configured: str) -> str:
     parent = configured or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
     os.makedirs(parent, exist_ok=True)
     _remove_stale_spools(parent)
-    path = os.path.abspath(os.path.join(parent, f"stoqd-{os.getpid()}-{uuid.uuid4().hex[:8]}"))
-    os.mkdir(path, 0o700)
-    lock = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    name = f"stoqd-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    path = os.path.abspath(os.path.join(parent, name))
+    # Locked under a name no other start looks at, then renamed: another stoqd sharing
+    # this directory from another PID namespace never sees it unlocked.
+    hidden = os.path.join(parent, f".{name}")
+    os.mkdir(hidden, 0o700)
+    lock = os.open(hidden, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(hidden, path)
     _SPOOL_LOCKS.append(lock)
     return path
 

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import threading
+import time
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Dict
@@ -310,13 +311,16 @@ def test_input_over_max_payload_size(stoq_cmd, tmp_path: Path) -> None:
     )
 
 
-def test_a_fifo_is_read_like_a_pipe_and_never_hangs(stoq_cmd, tmp_path: Path) -> None:
+def test_a_fifo_is_read_like_a_pipe(stoq_cmd, tmp_path: Path) -> None:
+    """As with `stoq scan <(command)`: the writer may come later; its bytes are the payload."""
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    # Nobody writes to it: an empty payload, not a hang.
-    assert ok_json(stoq_cmd("scan", fifo, "-a", "hash", timeout=20))["results"][0]["size"] == 0
-    # A writer, as with `stoq scan <(command)`: its bytes are the payload.
-    writer = threading.Thread(target=lambda: fifo.write_bytes(b"from a pipe"), daemon=True)
+
+    def write_later() -> None:
+        time.sleep(0.5)
+        fifo.write_bytes(b"from a pipe")
+
+    writer = threading.Thread(target=write_later, daemon=True)
     writer.start()
     result = ok_json(stoq_cmd("scan", fifo, "-a", "hash", timeout=20))["results"][0]
     writer.join(timeout=20)
@@ -583,6 +587,22 @@ def test_a_misspelt_provider_option_makes_it_fatal_at_once_and_exits_78(
         )
     ]
     assert not [e for e in events if e["event"] == "backoff"]  # not a restart loop
+
+
+def test_a_near_miss_key_of_a_stoq_v2_plugin_is_only_a_warning(run_cmd, tmp_path: Path) -> None:
+    """A v2 plugin reads plugin_opts directly, maybe later: stoqd cannot know its keys."""
+    cfg = tmp_path / "stoq.cfg"
+    cfg.write_text(
+        f"[core]\nproviders = example_provider\nconnectors = example_connector\n"
+        f"plugin_dir_list = {V2_PLUGINS}\n"
+        f"[example_connector]\noutput_file = {tmp_path / 'r.jsonl'}\noutput_fil = x\n"
+    )
+    done = run_cmd("stoqd", "-c", cfg, "--check-config")
+    assert (done.returncode, done.stdout) == (0, "configuration OK\n")
+    assert done.stderr == (
+        f"warning: {cfg}: [example_connector] output_fil: plugin example_connector did not "
+        "read this option (its options: output_file; did you mean output_file?)\n"
+    )
 
 
 def test_check_config_reports_a_misspelt_provider_option(run_cmd, tmp_path: Path) -> None:

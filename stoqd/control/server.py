@@ -61,16 +61,18 @@ def listen(path: str, group: str = "") -> socket.socket:
 
 def _bind(path: str, group: str) -> socket.socket:
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound = False
     old_umask = os.umask(0o177)  # never world- or group-writable, even for an instant
     try:
         server.bind(path)
+        bound = True
         if group:
             os.chown(path, -1, grp.getgrnam(group).gr_gid)
             os.chmod(path, 0o660)
         server.listen(16)
     except BaseException:
         server.close()
-        if os.path.exists(path):
+        if bound:  # only the path we created: a failed bind names another daemon's socket
             os.unlink(path)
         raise
     finally:

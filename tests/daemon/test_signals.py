@@ -261,6 +261,22 @@ def test_a_provider_ignoring_sigterm_is_killed_after_graceful_timeout(
     assert [e["exit"] for e in stopped] in ([], ["killed by SIGKILL"])
 
 
+def test_a_provider_removed_by_sighup_that_ignores_sigterm_is_killed(
+    make_run: Callable[..., Run],
+) -> None:
+    run = make_run({"core": {"providers": "stubborn, hang"}, "stoqd": {"graceful_timeout": 1}})
+    daemon = run.start()
+    daemon.wait_for(lambda s: _provider(s, "stubborn")["state"] == "RUNNING", what="RUNNING")
+    wait_stubborn_asleep(daemon)
+    run.configure({"core": {"providers": "hang"}, "stoqd": {"graceful_timeout": 1}})
+    daemon.signal(signal.SIGHUP)
+    stopped = wait_until(
+        lambda: [e for e in daemon.events() if e["event"] == "stopped"],
+        what="the removed provider stopped",
+    )
+    assert [(e["provider"], e["exit"]) for e in stopped] == [("stubborn", "killed by SIGKILL")]
+
+
 def test_sighup_moves_the_workers_onto_new_plugin_options(make_run: Callable[..., Run]) -> None:
     sections: Dict[str, Dict[str, Any]] = {
         "core": {"providers": "hang"},
