@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, Optional
 
 from .states import State
-from .wire import Channel
+from .wire import Channel, encode_header, with_number
 
 
 @dataclass
@@ -31,12 +31,19 @@ class Item:
     body: bytes
     attempts: int = 0  # workers that died while scanning it
     fail: Optional[str] = None  # set: record this failure instead of scanning
+    # The provider's header as it arrived. The supervisor reads a few of its members but
+    # changes none, so a worker gets these bytes with only ``seq`` appended, rather than
+    # a header decoded and encoded again for every item.
+    raw_header: bytes = b""
 
-    def frame(self) -> Dict[str, Any]:
+    def worker_header(self) -> bytes:
+        """The encoded header a worker receives with ``body``."""
+        if self.fail is None and self.raw_header:
+            return with_number(self.raw_header, "seq", self.seq)
         header = dict(self.header, t="item", seq=self.seq)
         if self.fail is not None:
             header["fail"] = self.fail
-        return header
+        return encode_header(header)
 
 
 class Child:

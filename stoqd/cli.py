@@ -17,7 +17,7 @@ import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import logs
-from .config import EX_CONFIG, ConfigError
+from .config import EX_CONFIG, ConfigError, defaults
 from .framework.core import Stoq
 from .framework.data import Payload, PayloadMeta, RequestMeta
 from .framework.exceptions import StoqException, StoqPluginException
@@ -347,14 +347,11 @@ def _read_input(file: str, limit: int) -> Tuple[bytes, PayloadMeta]:
 def _read_stream(stream: Any, name: str, limit: int) -> bytes:
     """All of a stream of unknown size, refusing more than ``limit`` bytes (0: the
     built-in max_payload_size default, so /dev/zero cannot exhaust memory)."""
-    cap = limit or _STREAM_CAP
+    cap = limit or defaults().get("core", "max_payload_size")
     content: bytes = stream.read(cap + 1)
     if len(content) > cap:
         raise _Exit(EX_DATAERR, [f"stoq: {name}: more than max_payload_size {cap} bytes"])
     return content
-
-
-_STREAM_CAP = 256 << 20
 
 
 def cmd_scan(args: argparse.Namespace) -> int:

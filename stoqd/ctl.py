@@ -109,15 +109,12 @@ def _provider_info(p: Dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def render_provider(status: Dict[str, Any], name: str) -> Optional[str]:
-    """Everything known about one provider, one ``key: value`` per line; None if unknown."""
-    for p in status["providers"]:
-        if p["name"] == name:
-            fields = {k: v for k, v in p.items() if k != "stats"}
-            fields.update(p.get("stats") or {})
-            width = max(len(key) for key in fields)
-            return "\n".join(f"{key.ljust(width)}  {value}" for key, value in fields.items())
-    return None
+def render_provider(provider: Dict[str, Any]) -> str:
+    """Everything known about one provider (its status entry), one ``key  value`` per line."""
+    fields = {k: v for k, v in provider.items() if k != "stats"}
+    fields.update(provider.get("stats") or {})
+    width = max(len(key) for key in fields)
+    return "\n".join(f"{key.ljust(width)}  {value}" for key, value in fields.items())
 
 
 def _table(rows: List[List[str]]) -> str:
@@ -216,7 +213,7 @@ def _show_provider(status: Dict[str, Any], name: str, as_json: bool) -> int:
         known = ", ".join(p["name"] for p in status["providers"]) or "none"
         print(f"stoqctl: no provider named {name!r} (running: {known})", file=sys.stderr)
         return EXIT_REFUSED
-    print(json.dumps(found[0], indent=2) if as_json else render_provider(status, name))
+    print(json.dumps(found[0], indent=2) if as_json else render_provider(found[0]))
     return EXIT_FATAL if found[0]["state"] == "FATAL" else EXIT_OK
 
 

@@ -20,7 +20,6 @@ import socket
 import time
 from bisect import bisect_left
 from collections import deque
-from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, List, Optional
 
 from . import backoff, logs
@@ -33,7 +32,7 @@ from .framework.core import Stoq
 from .preflight import preflight
 from .providerproc import provider_main
 from .states import Event, State, next_state
-from .wire import Channel, with_number
+from .wire import Channel
 from .workers import worker_main
 from .workqueue import FAILED, NOT_DONE, SAVED, new_spool_dir
 
@@ -44,24 +43,6 @@ RSS_CHECK_EVERY = 5.0
 HISTOGRAM_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 300.0)
 
 log = logs.get("stoqd.supervisor")
-
-
-@dataclass
-class ForwardedItem(Item):
-    """An item with its provider's header as it arrived, passed on to a worker as is.
-
-    The supervisor reads a few members of that header (id, kind, path, cb) but changes
-    none, so a worker gets the provider's bytes with only ``seq`` appended rather than
-    a header decoded and encoded again.
-    """
-
-    raw_header: bytes = b""
-
-    def frame_bytes(self) -> Optional[bytes]:
-        """The header for a worker, or None when it must be built (``frame``)."""
-        if self.fail is not None or not self.raw_header:
-            return None
-        return with_number(self.raw_header, "seq", self.seq)
 
 
 class Supervisor:
@@ -275,7 +256,7 @@ class Supervisor:
         self.next_seq += 1
         item_id = int(header.pop("id"))
         header.pop("t", None)
-        item = ForwardedItem(
+        item = Item(
             self.next_seq, handle.name, handle.generation, item_id, header, body, raw_header=raw
         )
         self.items[item.seq] = item
@@ -491,11 +472,7 @@ class Supervisor:
             if len(worker.assigned) >= PREFETCH:
                 idle.remove(worker)
             assert worker.channel is not None
-            raw = item.frame_bytes() if isinstance(item, ForwardedItem) else None
-            if raw is None:
-                worker.channel.send(item.frame(), item.body)
-            else:
-                worker.channel.send_raw(raw, item.body)
+            worker.channel.send_raw(item.worker_header(), item.body)
 
     def _enforce_time_limits(self, now: float) -> None:
         limit = self.daemon["scan_timeout"]
