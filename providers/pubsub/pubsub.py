@@ -31,6 +31,7 @@ from google.cloud import pubsub_v1
 from stoqd_providers.rabbitmq.rabbitmq import MessageError, message_item, publications
 
 from stoqd.builtin._options import positive_int, size
+from stoqd.childproc import one_line
 from stoqd.framework.data import StoqResponse
 from stoqd.framework.exceptions import StoqPluginException
 from stoqd.framework.plugins import ConnectorPlugin, ProviderPlugin
@@ -113,14 +114,8 @@ class PubsubPlugin(ProviderPlugin, ConnectorPlugin):
                 future.result(timeout=_PUBLISH_TIMEOUT)
             except Exception as exc:  # the client's errors (NotFound, timeouts) alike
                 raise StoqPluginException(
-                    f"plugin {self.plugin_name}: cannot publish to {topic}: "
-                    f"{type(exc).__name__}: {_first_line(exc)}"
+                    f"plugin {self.plugin_name}: cannot publish to {topic}: {one_line(exc)}"
                 ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc)
-    return text.splitlines()[0] if text else ""
 
 
 class _Puller:
@@ -194,7 +189,7 @@ class _Puller:
             self._count(connection=f"streaming pull from {self.path} (state not probed: "
                                    "no permission pubsub.subscriptions.get)")  # fmt: skip
         except Exception as exc:  # unreachable, timed out, not found: the stream fares alike
-            reason = f"{type(exc).__name__}: {_first_line(exc)}"
+            reason = one_line(exc)
             self._count(connection=f"down: {reason}; the client keeps retrying",
                         last_error=reason)  # fmt: skip
         else:
