@@ -2,7 +2,8 @@
 
 Provider: a streaming pull with flow control (``max_messages`` and ``max_bytes``
 outstanding: the backpressure). While a message waits in stoqd's queue or is scanned,
-the client library keeps extending its lease (up to ``max_lease_duration``); it is
+the client library keeps extending its lease (up to ``max_lease_duration``, by at most
+``lease_extension`` seconds at a time); it is
 acknowledged only after stoqd reports its results saved, nacked (redelivered at once)
 when the scan failed or stoqd stopped first. After ``max_retries`` failed deliveries it
 is published to ``dead_letter_topic`` and acknowledged, or nacked again when there is
@@ -42,6 +43,7 @@ _PUBLISH_TIMEOUT = 60.0
 # in the status comes from a cheap call on the same channel every few seconds.
 _PROBE_INTERVAL = 3.0
 _PROBE_TIMEOUT = 3.0
+_LEASE_EXTENSION = (10, 600)  # the ack deadlines Pub/Sub accepts, in seconds
 
 
 class PubsubPlugin(ProviderPlugin, ConnectorPlugin):
@@ -58,6 +60,14 @@ class PubsubPlugin(ProviderPlugin, ConnectorPlugin):
         self.max_messages = self.option("max_messages", 100, positive_int)
         self.max_bytes = self.option("max_bytes", "100M", size)
         self.max_lease_duration = self.option("max_lease_duration", 3600, positive_int)
+        # Also how long the messages of a consumer that died stay leased to it: the
+        # client asks for this deadline on its stream (its own default is 60 s).
+        self.lease_extension = self.option("lease_extension", 60, positive_int)
+        if not _LEASE_EXTENSION[0] <= self.lease_extension <= _LEASE_EXTENSION[1]:
+            raise StoqPluginException(
+                f"plugin {self.plugin_name}: option lease_extension={self.lease_extension} "
+                f"must be between {_LEASE_EXTENSION[0]} and {_LEASE_EXTENSION[1]} seconds"
+            )
         self.max_retries = self.option("max_retries", 3, int)
         self.dead_letter_topic = self.option("dead_letter_topic", "", str).strip()
         self.max_message_size = self.option("max_message_size", "10M", size)
@@ -144,6 +154,7 @@ class _Puller:
             max_messages=self.plugin.max_messages,
             max_bytes=self.plugin.max_bytes,
             max_lease_duration=self.plugin.max_lease_duration,
+            max_duration_per_lease_extension=self.plugin.lease_extension,
         )
         future = self.subscriber.subscribe(self.path, self._on_message, flow_control=flow)
         self._count(connection=f"streaming pull from {self.path}")
