@@ -11,9 +11,9 @@ import os
 import signal
 import socket
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, Optional
+from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
 from .states import State
 from .wire import Channel, encode_header, with_number
@@ -35,6 +35,15 @@ class Item:
     # changes none, so a worker gets these bytes with only ``seq`` appended, rather than
     # a header decoded and encoded again for every item.
     raw_header: bytes = b""
+    # (generation, item id) of a later run's put with the same ``key``: this item's
+    # outcome answers that put too (see Supervisor._adopt).
+    adopted_by: Optional[Tuple[int, int]] = None
+
+    @property
+    def key(self) -> Optional[str]:
+        """The source's identity for it (a message id), when the provider gave one."""
+        key = self.header.get("key")
+        return str(key) if key is not None and self.header.get("cb") else None
 
     def worker_header(self) -> bytes:
         """The encoded header a worker receives with ``body``."""
@@ -105,6 +114,13 @@ class ProviderHandle(Child):
     failed: int = 0
     credits: int = 0  # granted and not yet spent
     queued: int = 0  # its items waiting in the supervisor's queue
+    # For a restarted run's redeliveries (see Supervisor._adopt): keyed items of earlier
+    # runs still in flight (key -> seq); the keys this run and earlier runs saw saved
+    # (key -> scan id, oldest first, bounded), whose acknowledgements may not have gone out.
+    orphans: Dict[str, int] = field(default_factory=dict)
+    saved_keys: OrderedDict[str, Optional[str]] = field(default_factory=OrderedDict)
+    orphans_saved: OrderedDict[str, Optional[str]] = field(default_factory=OrderedDict)
+    adopted: int = 0  # puts answered with an earlier run's outcome instead of a scan
     stats: Dict[str, Any] = field(default_factory=dict)
     restart_requested: bool = False
     stop_requested_at: Optional[float] = None  # when stoqctl stop/restart sent SIGTERM

@@ -19,7 +19,7 @@ import signal
 import socket
 import time
 from bisect import bisect_left
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, Callable, Deque, Dict, List, Optional
 
 from . import backoff, logs
@@ -40,6 +40,9 @@ from .workqueue import FAILED, NOT_DONE, SAVED, new_spool_dir
 RESTART_ONLY = ("control_socket", "control_group", "spool_dir", "metrics_address")
 PREFETCH = 4  # items a worker holds: one scanning, the rest ready, so it never waits on us
 RSS_CHECK_EVERY = 5.0
+# Keys of a provider's saved items kept for its next run's redeliveries (per provider, for
+# the running and for earlier runs): a bound on memory, far above a broker's prefetch.
+_SAVED_KEYS_KEPT = 10_000
 HISTOGRAM_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 300.0)
 
 log = logs.get("stoqd.supervisor")
@@ -253,9 +256,13 @@ class Supervisor:
     def _enqueue(
         self, handle: ProviderHandle, header: Dict[str, Any], body: bytes, raw: bytes
     ) -> None:
-        self.next_seq += 1
         item_id = int(header.pop("id"))
         header.pop("t", None)
+        if handle.orphans or handle.orphans_saved:
+            key = header.get("key")
+            if key is not None and header.get("cb") and self._adopt(handle, str(key), item_id):
+                return
+        self.next_seq += 1
         item = Item(
             self.next_seq, handle.name, handle.generation, item_id, header, body, raw_header=raw
         )
@@ -265,6 +272,44 @@ class Supervisor:
         handle.queued += 1
         handle.put += 1
 
+    def _adopt(self, handle: ProviderHandle, key: str, item_id: int) -> bool:
+        """Answer a restarted provider's put with its earlier run's item of the same key.
+
+        A provider killed after handing over a message may not have acknowledged it (its
+        results were not saved yet, or the acknowledgement had not gone out), so its
+        source delivers the message again to the next run. Scanning it twice would save
+        two results for one message; instead the new put gets the outcome of the item
+        already saved, or of the one still queued or being scanned when it ends.
+        """
+        if key in handle.orphans_saved:
+            scan_id = handle.orphans_saved.pop(key)
+            self._send_done(handle, item_id, SAVED, None, scan_id)
+            _remember(handle.saved_keys, key, scan_id)  # in case this run dies before its ack
+        elif key in handle.orphans:
+            orphan = self.items.get(handle.orphans.pop(key))
+            if orphan is None:
+                return False
+            orphan.adopted_by = (handle.generation, item_id)
+        else:
+            return False
+        handle.credits = max(0, handle.credits - 1)
+        handle.put += 1
+        handle.adopted += 1
+        log.info("adopted", provider=handle.name, key=key)
+        return True
+
+    def _orphan_items(self, handle: ProviderHandle) -> None:
+        """Remember the keyed items of a provider run that ended, for its next run."""
+        for key, scan_id in handle.saved_keys.items():
+            _remember(handle.orphans_saved, key, scan_id)
+        handle.saved_keys.clear()
+        for seq, item in self.items.items():
+            if item.provider != handle.name or item.key is None:
+                continue
+            if item.adopted_by is None or item.adopted_by[0] == handle.generation:
+                item.adopted_by = None  # an adoption by the run that just ended is void
+                handle.orphans[item.key] = seq
+
     def _on_provider_exit(self, handle: ProviderHandle) -> None:
         self.selector.unregister(handle.process.sentinel)
         self.retired = [h for h in self.retired if h is not handle]
@@ -272,6 +317,7 @@ class Supervisor:
             self._on_provider_readable(handle)  # what it said before dying still counts
             self._unregister(handle.channel)
         code = handle.reap()
+        self._orphan_items(handle)
         now = time.monotonic()
         how = describe_exit(code)
         if handle.state is State.STOPPING:
@@ -571,18 +617,42 @@ class Supervisor:
             handle.saved += 1
         elif status == FAILED:
             handle.failed += 1
-        channel = handle.channel
         if not item.header.get("cb"):
             return  # the provider did not ask to hear how it ended
+        # The run that put it may be dead even before a restart bumps the generation.
+        channel = handle.channel
         if handle.generation == item.generation and channel is not None and not channel.closed:
+            self._send_done(handle, item.item_id, status, error, scan_id)
+            if status == SAVED and item.key is not None:
+                _remember(handle.saved_keys, item.key, scan_id)
+        elif item.key is not None:
+            self._finish_orphan(handle, item, status, error, scan_id)
+
+    def _finish_orphan(
+        self, handle: ProviderHandle, item: Item, status: str, error: Optional[str],
+        scan_id: Optional[str],
+    ) -> None:  # fmt: skip
+        """An earlier run's item ended: answer its adopter, or keep a saved key."""
+        key = item.key
+        assert key is not None
+        if handle.orphans.get(key) == item.seq:
+            del handle.orphans[key]
+        adopted = item.adopted_by is not None and item.adopted_by[0] == handle.generation
+        if adopted:
+            assert item.adopted_by is not None
+            self._send_done(handle, item.adopted_by[1], status, error, scan_id)
+        if status == SAVED:
+            _remember(handle.saved_keys if adopted else handle.orphans_saved, key, scan_id)
+
+    @staticmethod
+    def _send_done(
+        handle: ProviderHandle, item_id: int, status: str, error: Optional[str],
+        scan_id: Optional[str],
+    ) -> None:  # fmt: skip
+        channel = handle.channel
+        if channel is not None and not channel.closed:
             channel.send(
-                {
-                    "t": "done",
-                    "id": item.item_id,
-                    "status": status,
-                    "error": error,
-                    "scan_id": scan_id,
-                }
+                {"t": "done", "id": item_id, "status": status, "error": error, "scan_id": scan_id}
             )
 
     # -- shutdown ---------------------------------------------------------------------
@@ -835,6 +905,14 @@ def _drain(sock: socket.socket) -> None:
             pass
     except (BlockingIOError, InterruptedError):
         pass
+
+
+def _remember(keys: OrderedDict[str, Optional[str]], key: str, scan_id: Optional[str]) -> None:
+    """Record a saved key, forgetting the oldest beyond the bound."""
+    keys[key] = scan_id
+    keys.move_to_end(key)
+    if len(keys) > _SAVED_KEYS_KEPT:
+        keys.popitem(last=False)
 
 
 def _unlink(path: str) -> None:

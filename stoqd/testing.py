@@ -34,6 +34,7 @@ class Put:
     path: Optional[str] = None
     done: Optional[DoneCallback] = None
     request_meta: Optional[RequestMeta] = None
+    key: Optional[str] = None
 
 
 @dataclass
@@ -54,10 +55,11 @@ class RecordingQueue:
         *,
         done: Optional[DoneCallback] = None,
         request_meta: Optional[RequestMeta] = None,
+        key: Optional[str] = None,
     ) -> None:
         if isinstance(item, (bytes, bytearray)):
             item = Payload(bytes(item))
-        self._record(Put(item, done=done, request_meta=request_meta))
+        self._record(Put(item, done=done, request_meta=request_meta, key=key))
 
     def put_file(
         self,
@@ -68,8 +70,10 @@ class RecordingQueue:
         request_meta: Optional[RequestMeta] = None,
         block: bool = True,
         timeout: Optional[float] = None,
+        key: Optional[str] = None,
     ) -> None:
-        self._record(Put(payload_meta, path=os.fspath(path), done=done, request_meta=request_meta))
+        self._record(Put(payload_meta, path=os.fspath(path), done=done,
+                         request_meta=request_meta, key=key))  # fmt: skip
 
     def _record(self, put: Put) -> None:
         if self.stopping.is_set():

@@ -90,8 +90,14 @@ class ProviderQueue:
         *,
         done: Optional[DoneCallback] = None,
         request_meta: Optional[RequestMeta] = None,
+        key: Optional[str] = None,
     ) -> None:
-        """Queue a payload or a reference; blocks while the daemon's queue is full."""
+        """Queue a payload or a reference; blocks while the daemon's queue is full.
+
+        ``key``, with ``done``: the item's identity in its source (a message id). When this
+        provider process dies and its next run puts the same key, stoqd answers with the
+        outcome of the earlier run's item, once it has one, instead of scanning it again.
+        """
         if isinstance(item, (bytes, bytearray, memoryview)):
             # Not wrapped in a Payload: its id would be thrown away, the worker makes its own.
             header, body = self._content_frame(bytes(item), None)
@@ -103,7 +109,7 @@ class ProviderQueue:
             raise TypeError(
                 f"queue.put takes a Payload, bytes, str or dict, not {type(item).__name__}"
             )
-        self._send(header, body, block, timeout, done, request_meta)
+        self._send(header, body, block, timeout, done, request_meta, key)
 
     def put_file(
         self,
@@ -114,6 +120,7 @@ class ProviderQueue:
         request_meta: Optional[RequestMeta] = None,
         block: bool = True,
         timeout: Optional[float] = None,
+        key: Optional[str] = None,
     ) -> None:
         """Queue a local file by reference: the worker reads it, not this process."""
         header = {
@@ -121,7 +128,7 @@ class ProviderQueue:
             "path": os.fspath(path),
             "meta": _meta_dict(payload_meta or PayloadMeta()),
         }
-        self._send(header, b"", block, timeout, done, request_meta)
+        self._send(header, b"", block, timeout, done, request_meta, key)
 
     def report(self, **stats: Any) -> None:
         """Publish provider statistics (JSON values) to ``stoqctl status``."""
@@ -164,9 +171,12 @@ class ProviderQueue:
         timeout: Optional[float],
         done: Optional[DoneCallback],
         request_meta: Optional[RequestMeta],
+        key: Optional[str] = None,
     ) -> None:
         if request_meta is not None:
             header["request"] = request_meta
+        if key is not None and done is not None:  # without an outcome a key means nothing
+            header["key"] = str(key)
         try:
             # Encoded before a credit is taken: an item that cannot be encoded costs none.
             raw = _encode(header)

@@ -252,7 +252,9 @@ class _Puller:
         # good, so the message goes back instead.
         while not self.queue.stopping.is_set():
             try:
-                self.queue.put(item, timeout=0.5, done=done)
+                # The message id as key: a restarted provider's redelivery of a message
+                # its killed predecessor handed over gets that item's outcome, no rescan.
+                self.queue.put(item, timeout=0.5, done=done, key=message.message_id)
                 return
             except stdlib_queue.Full:
                 pass

@@ -538,9 +538,12 @@ class _Consumer:
             self._dead_letter(delivery, str(exc))
             return True
         try:
+            # The message id as key: if this process is killed, stoqd answers the next
+            # run's redelivery with this item's outcome instead of scanning it twice.
             self.queue.put(
-                item, timeout=0.1, done=lambda outcome, d=delivery: self._done(d, outcome)
-            )
+                item, timeout=0.1, key=message_id,
+                done=lambda outcome, d=delivery: self._done(d, outcome),
+            )  # fmt: skip
         except stdlib_queue.Full:
             return False
         if message_id is not None:

@@ -33,6 +33,7 @@ def status(sup: Supervisor) -> Dict[str, Any]:
                 "put": handle.put,
                 "saved": handle.saved,
                 "failed": handle.failed,
+                "adopted": handle.adopted,
                 "queued": handle.queued,
                 "last_error": handle.last_error,
                 "next_retry_in": _age(now, handle.next_retry) if handle.next_retry else None,

@@ -238,3 +238,25 @@ def test_a_provider_backing_off_at_shutdown_is_stopped(make_run: Callable[..., R
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit() == 0, daemon.log()
     assert len(_events(run, "spawned", provider="crash_loop")) == 1  # not restarted to stop it
+
+
+def test_a_killed_providers_redeliveries_get_its_outcomes_and_are_not_scanned_twice(
+    make_run: Callable[..., Run],
+) -> None:
+    # Items 1 and 2 are still being scanned when the restarted run puts them again (they
+    # are answered when they finish); the others may be saved by then (answered at once).
+    run = make_run({
+        "core": {"providers": "redeliver", "always_dispatch": "hash, sleepy"},
+        "redeliver": {"count": 6, "marker": "{dir}/marker", "outcomes": "{dir}/outcomes",
+                      "special": "1, 2", "special_prefix": "SLOW"},
+        "sleepy": {"match": "SLOW", "seconds": 1.5},
+    })  # fmt: skip
+    daemon = run.start()
+    assert daemon.wait_exit() == 0, daemon.log()
+    ids = [f"redeliver-{i}" for i in range(1, 7)]
+    assert run.saved_ids() == {item_id: 1 for item_id in ids}
+    assert sorted(run.outcomes()) == [(item_id, "saved", "-") for item_id in ids]
+    assert sorted(e["key"] for e in _events(run, "adopted", provider="redeliver")) == ids
+    assert [e["exit"] for e in _events(run, "backoff", provider="redeliver")] == [
+        "killed by SIGKILL"
+    ]

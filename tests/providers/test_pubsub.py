@@ -382,6 +382,8 @@ def test_daemon_acks_after_saving_and_kill_9_of_the_provider_loses_nothing(
 
         _wait(saved, "every message saved", 180, detail=missing)
         daemon.wait_for(lambda s: stats().get("in_flight") == 0, what="every outcome")
+        # What the killed run handed over is answered, not scanned again, on redelivery.
+        assert sorted(_saved_ids(results)) == sorted(ids)  # each exactly once
     finally:
         daemon.close()
         shutil.rmtree(config.parent, ignore_errors=True)

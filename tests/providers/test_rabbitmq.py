@@ -556,11 +556,8 @@ def test_kill_9_of_the_provider_redelivers_what_was_not_acked(
     _wait(lambda: {r["message_id"] for r in run.saved()} == set(ids), "every result", 60)
     _wait(lambda: broker.ready(queue) == 0 and _unacked(mq_rabbitmq, queue) == 0,
           "every message acknowledged", 60)  # fmt: skip
-    seen: Dict[str, int] = {}
-    for result in run.saved():
-        seen[result["message_id"]] = seen.get(result["message_id"], 0) + 1
-        if seen[result["message_id"]] > 1:  # a second copy only of a redelivered message
-            assert result["redelivered"] is True
+    # What the killed run handed over is answered, not scanned again, on redelivery.
+    assert sorted(r["message_id"] for r in run.saved()) == sorted(ids)  # each exactly once
     assert broker.get_all(f"{queue}.dead") == []
 
 
