@@ -10,7 +10,8 @@ is involved. The HTTP server runs in a daemon thread on a private registry, so t
 The parts of the snapshot read here (anything missing or malformed is left out)::
 
     {"daemon": {"version": str, "uptime": float},
-     "providers": [{"name", "state", "restarts", "put", "saved", "failed", "queued"}],
+     "providers": [{"name", "state", "restarts", "put", "saved", "failed", "adopted",
+                    "queued"}],
      "workers": [{"id", "state"}],
      "queue": {"depth": int, "max": int, "in_flight": int},
      "counters": {"worker_recycles": int, "worker_kills": int, ...},
@@ -51,6 +52,11 @@ _PROVIDER_COUNTERS = (
     ("put", "stoqd_provider_items_put", "Items the provider put on the work queue."),
     ("saved", "stoqd_provider_items_saved", "Items of the provider whose results were saved."),
     ("failed", "stoqd_provider_items_failed", "Items of the provider that failed."),
+    (
+        "adopted",
+        "stoqd_provider_items_adopted",
+        "Redeliveries answered with an earlier run's outcome instead of a second scan.",
+    ),
 )
 _PROVIDER_GAUGES = (
     ("queued", "stoqd_provider_items_queued", "Items of the provider waiting on the queue."),

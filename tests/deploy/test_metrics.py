@@ -22,7 +22,7 @@ def _snapshot() -> Dict[str, Any]:
         "daemon": {"pid": 100, "version": "0.1.0", "state": "running", "uptime": 12.5},
         "providers": [
             {"name": "dirmon", "state": "RUNNING", "pid": 101, "restarts": 2, "put": 10,
-             "saved": 8, "failed": 1, "queued": 1, "last_error": None},
+             "saved": 8, "failed": 1, "adopted": 3, "queued": 1, "last_error": None},
             {"name": "rabbitmq", "state": "BACKOFF", "pid": None, "restarts": 5, "put": 0,
              "saved": 0, "failed": 0, "queued": 0, "last_error": "connection refused"},
         ],
@@ -65,6 +65,7 @@ def test_scrape_shows_the_snapshot() -> None:
         'stoqd_provider_items_put_total{provider="dirmon"} 10.0',
         'stoqd_provider_items_saved_total{provider="dirmon"} 8.0',
         'stoqd_provider_items_failed_total{provider="dirmon"} 1.0',
+        'stoqd_provider_items_adopted_total{provider="dirmon"} 3.0',
         "stoqd_queue_depth 4.0",
         "stoqd_queue_in_flight 2.0",
         "stoqd_queue_max 100.0",
