@@ -97,6 +97,18 @@ class RecordingQueue:
         return False
 
 
+def record_outcome(path: str, item_id: str, outcome: Outcome) -> None:
+    """Append ``ID STATUS ERROR`` (``-`` for no error) to ``path``: a provider running in a
+    real daemon reports its outcomes to a test this way. One ``O_APPEND`` write per line,
+    so the lines of concurrent writers never interleave."""
+    error = (outcome.error or "-").replace("\n", " ")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{item_id} {outcome.status} {error}\n".encode())
+    finally:
+        os.close(fd)
+
+
 def run_provider(
     plugin: ProviderPlugin,
     outcome: Callable[[Put], Outcome] = lambda put: Outcome(SAVED, scan_id="test"),
