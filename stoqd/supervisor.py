@@ -72,6 +72,9 @@ class Supervisor:
         self.items: Dict[int, Item] = {}
         self.next_seq = 0
         self.next_wid = 0
+        # Provider runs are numbered across all handles: a provider removed and re-added by
+        # a reload gets a new handle, and its runs must not share numbers with the old one's.
+        self.next_generation = 0
         self.config_generation = 0
         self.signals: Deque[int] = deque()
         self.stopping_since: Optional[float] = None
@@ -204,7 +207,8 @@ class Supervisor:
     # -- providers --------------------------------------------------------------------
 
     def _start_provider(self, handle: ProviderHandle) -> None:
-        handle.generation += 1
+        self.next_generation += 1
+        handle.generation = self.next_generation
         self.boot_failed.discard(handle.name)
         handle.state = next_state(handle.state, Event.START)
         handle.next_retry = None
@@ -258,10 +262,12 @@ class Supervisor:
     ) -> None:
         item_id = int(header.pop("id"))
         header.pop("t", None)
-        if handle.orphans or handle.orphans_saved:
+        if (handle.orphans or handle.orphans_saved) and header.get("cb"):
             key = header.get("key")
-            if key is not None and header.get("cb") and self._adopt(handle, str(key), item_id):
-                return
+            # "first": the source says this is no redelivery (a reused message id).
+            if key is not None and not header.get("first"):
+                if self._adopt(handle, str(key), item_id):
+                    return
         self.next_seq += 1
         item = Item(
             self.next_seq, handle.name, handle.generation, item_id, header, body, raw_header=raw
@@ -298,10 +304,17 @@ class Supervisor:
         log.info("adopted", provider=handle.name, key=key)
         return True
 
-    def _orphan_items(self, handle: ProviderHandle) -> None:
-        """Remember the keyed items of a provider run that ended, for its next run."""
-        for key, scan_id in handle.saved_keys.items():
-            _remember(handle.orphans_saved, key, scan_id)
+    def _orphan_items(self, handle: ProviderHandle, clean_exit: bool) -> None:
+        """Remember the keyed items of a provider run that ended, for its next run.
+
+        Its items still in flight can no longer tell it how they ended, whatever the
+        exit. What it saw saved it acknowledged before a clean exit (a provider drains its
+        outcomes first); after a crash or a kill, some acknowledgements may not have gone
+        out, and those messages come back.
+        """
+        if not clean_exit:
+            for key, scan_id in handle.saved_keys.items():
+                _remember(handle.orphans_saved, key, scan_id)
         handle.saved_keys.clear()
         for seq, item in self.items.items():
             if item.provider != handle.name or item.key is None:
@@ -317,7 +330,7 @@ class Supervisor:
             self._on_provider_readable(handle)  # what it said before dying still counts
             self._unregister(handle.channel)
         code = handle.reap()
-        self._orphan_items(handle)
+        self._orphan_items(handle, clean_exit=code == 0)
         now = time.monotonic()
         how = describe_exit(code)
         if handle.state is State.STOPPING:

@@ -56,6 +56,7 @@ class RecordingQueue:
         done: Optional[DoneCallback] = None,
         request_meta: Optional[RequestMeta] = None,
         key: Optional[str] = None,
+        redelivered: bool = True,
     ) -> None:
         if isinstance(item, (bytes, bytearray)):
             item = Payload(bytes(item))
@@ -71,6 +72,7 @@ class RecordingQueue:
         block: bool = True,
         timeout: Optional[float] = None,
         key: Optional[str] = None,
+        redelivered: bool = True,
     ) -> None:
         self._record(Put(payload_meta, path=os.fspath(path), done=done,
                          request_meta=request_meta, key=key))  # fmt: skip

@@ -91,12 +91,16 @@ class ProviderQueue:
         done: Optional[DoneCallback] = None,
         request_meta: Optional[RequestMeta] = None,
         key: Optional[str] = None,
+        redelivered: bool = True,
     ) -> None:
         """Queue a payload or a reference; blocks while the daemon's queue is full.
 
-        ``key``, with ``done``: the item's identity in its source (a message id). When this
-        provider process dies and its next run puts the same key, stoqd answers with the
-        outcome of the earlier run's item, once it has one, instead of scanning it again.
+        ``key``, with ``done``: the message's identity in its source (a message id). When
+        this provider process dies and a later run puts the same key again, stoqd answers
+        with the outcome of the earlier run's item, when it was saved or is still in
+        flight, instead of scanning the message twice. ``redelivered=False`` says the
+        source knows this delivery is a first one (a reused id is a new message): it is
+        scanned, never answered from an earlier run. See docs/providers.md.
         """
         if isinstance(item, (bytes, bytearray, memoryview)):
             # Not wrapped in a Payload: its id would be thrown away, the worker makes its own.
@@ -109,7 +113,7 @@ class ProviderQueue:
             raise TypeError(
                 f"queue.put takes a Payload, bytes, str or dict, not {type(item).__name__}"
             )
-        self._send(header, body, block, timeout, done, request_meta, key)
+        self._send(header, body, block, timeout, done, request_meta, key, redelivered)
 
     def put_file(
         self,
@@ -121,6 +125,7 @@ class ProviderQueue:
         block: bool = True,
         timeout: Optional[float] = None,
         key: Optional[str] = None,
+        redelivered: bool = True,
     ) -> None:
         """Queue a local file by reference: the worker reads it, not this process."""
         header = {
@@ -128,7 +133,7 @@ class ProviderQueue:
             "path": os.fspath(path),
             "meta": _meta_dict(payload_meta or PayloadMeta()),
         }
-        self._send(header, b"", block, timeout, done, request_meta, key)
+        self._send(header, b"", block, timeout, done, request_meta, key, redelivered)
 
     def report(self, **stats: Any) -> None:
         """Publish provider statistics (JSON values) to ``stoqctl status``."""
@@ -172,11 +177,14 @@ class ProviderQueue:
         done: Optional[DoneCallback],
         request_meta: Optional[RequestMeta],
         key: Optional[str] = None,
+        redelivered: bool = True,
     ) -> None:
         if request_meta is not None:
             header["request"] = request_meta
         if key is not None and done is not None:  # without an outcome a key means nothing
             header["key"] = str(key)
+            if not redelivered:
+                header["first"] = True
         try:
             # Encoded before a credit is taken: an item that cannot be encoded costs none.
             raw = _encode(header)

@@ -539,9 +539,10 @@ class _Consumer:
             return True
         try:
             # The message id as key: if this process is killed, stoqd answers the next
-            # run's redelivery with this item's outcome instead of scanning it twice.
+            # run's redelivery with this item's outcome instead of scanning it twice. A
+            # delivery RabbitMQ does not flag as redelivered is new, whatever its id.
             self.queue.put(
-                item, timeout=0.1, key=message_id,
+                item, timeout=0.1, key=message_id, redelivered=delivery.redelivered,
                 done=lambda outcome, d=delivery: self._done(d, outcome),
             )  # fmt: skip
         except stdlib_queue.Full:

@@ -260,3 +260,19 @@ def test_a_killed_providers_redeliveries_get_its_outcomes_and_are_not_scanned_tw
     assert [e["exit"] for e in _events(run, "backoff", provider="redeliver")] == [
         "killed by SIGKILL"
     ]
+
+
+def test_a_reused_key_that_the_source_says_is_new_is_scanned_again(
+    make_run: Callable[..., Run],
+) -> None:
+    run = make_run({
+        "core": {"providers": "redeliver"},
+        "redeliver": {"count": 3, "marker": "{dir}/marker", "outcomes": "{dir}/outcomes",
+                      "new_messages": "true"},
+    })  # fmt: skip
+    daemon = run.start()
+    assert daemon.wait_exit() == 0, daemon.log()
+    ids = [f"redeliver-{i}" for i in range(1, 4)]
+    assert run.saved_ids() == {item_id: 2 for item_id in ids}
+    assert sorted(run.outcomes()) == [(item_id, "saved", "-") for item_id in ids]
+    assert _events(run, "adopted") == []
