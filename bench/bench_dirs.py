@@ -90,9 +90,12 @@ def machine_facts() -> Dict[str, str]:
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def session_memory(sid: int) -> Dict[int, Tuple[int, int, float]]:
-    """pid -> (VmRSS, VmHWM in bytes, CPU seconds) for every live process of ``sid``."""
-    found: Dict[int, Tuple[int, int, float]] = {}
+def session_memory(sid: int) -> Dict[int, Tuple[int, int, float, int]]:
+    """pid -> (VmRSS, VmHWM in bytes, CPU seconds, PSS in bytes) for every live process of
+    ``sid``. RSS counts a page shared by several processes (the forkserver's preloaded
+    modules, shared libraries) once in each; PSS splits it among them, so a sum of PSS
+    is the memory the daemon as a whole holds."""
+    found: Dict[int, Tuple[int, int, float, int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -108,10 +111,20 @@ def session_memory(sid: int) -> Dict[int, Tuple[int, int, float]]:
                     rss = int(line.split()[1]) * 1024
                 elif line.startswith("VmHWM:"):
                     hwm = int(line.split()[1]) * 1024
-            found[int(entry)] = (rss, hwm, cpu)
+            found[int(entry)] = (rss, hwm, cpu, _pss(entry))
         except (OSError, ValueError, IndexError):
             continue
     return found
+
+
+def _pss(pid: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 class MemorySampler:
@@ -121,6 +134,7 @@ class MemorySampler:
         self.sid = sid
         self.every = every
         self.peak_total = 0
+        self.peak_pss = 0
         self.peak_hwm: Dict[int, int] = {}
         self.cpu: Dict[int, float] = {}  # last seen CPU seconds per pid
         self._stop = threading.Event()
@@ -131,7 +145,8 @@ class MemorySampler:
         while not self._stop.is_set():
             memory = session_memory(self.sid)
             self.peak_total = max(self.peak_total, sum(m[0] for m in memory.values()))
-            for pid, (_, hwm, cpu) in memory.items():
+            self.peak_pss = max(self.peak_pss, sum(m[3] for m in memory.values()))
+            for pid, (_, hwm, cpu, _) in memory.items():
                 self.peak_hwm[pid] = max(self.peak_hwm.get(pid, 0), hwm)
                 self.cpu[pid] = cpu
             self._stop.wait(self.every)
@@ -310,6 +325,7 @@ def bench_large(count: int, size: int) -> Dict[str, float]:
         return {
             "MB/s": count * size / MIB / (last - started),
             "peak RSS MiB (sum)": sampler.peak_total / MIB,
+            "peak PSS MiB (sum)": sampler.peak_pss / MIB,
             "peak process MiB": max(sampler.peak_hwm.values()) / MIB,
         }
     finally:

@@ -123,7 +123,7 @@ class ProviderHandle(Child):
     adopted: int = 0  # puts answered with an earlier run's outcome instead of a scan
     stats: Dict[str, Any] = field(default_factory=dict)
     restart_requested: bool = False
-    stop_requested_at: Optional[float] = None  # when stoqctl stop/restart sent SIGTERM
+    stop_requested_at: Optional[float] = None  # when SIGTERM was sent (stop, reload, shutdown)
 
     def __post_init__(self) -> None:
         Child.__init__(self)

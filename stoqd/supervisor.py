@@ -704,7 +704,10 @@ class Supervisor:
         for handle in self.providers.values():
             if handle.state in (State.STARTING, State.RUNNING):
                 handle.state = next_state(handle.state, Event.STOP)
-            if handle.alive() and not (handle.channel and handle.channel.wants_write):
+            if handle.stop_requested_at is not None or not handle.alive():
+                continue  # one SIGTERM only: a second could cut short its clean-up
+            if not (handle.channel and handle.channel.wants_write):
+                handle.stop_requested_at = time.monotonic()
                 handle.signal(signal.SIGTERM)
 
     def _finished(self, now: float) -> bool:

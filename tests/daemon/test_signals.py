@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 from collections import Counter
+from pathlib import Path
 from typing import Any, Callable, Dict
 
 from .helpers import Run, stoqctl, wait_stubborn_asleep, wait_until
@@ -259,6 +260,27 @@ def test_a_provider_ignoring_sigterm_is_killed_after_graceful_timeout(
     stopped = [e for e in daemon.events() if e.get("provider") == "stubborn" and
                e["event"] in ("stopped", "exited")]  # fmt: skip
     assert [e["exit"] for e in stopped] in ([], ["killed by SIGKILL"])
+
+
+def test_a_providers_clean_up_after_sigterm_is_not_cut_short(
+    make_run: Callable[..., Run],
+) -> None:
+    # One SIGTERM per provider: its clean-up (1 s here) runs to its end, within
+    # graceful_timeout, while the supervisor loop keeps turning.
+    marker = "{dir}/cleaned-up"
+    run = make_run({
+        "core": {"providers": "hang"},
+        "hang": {"cleanup_marker": marker, "cleanup_seconds": 1},
+        "stoqd": {"graceful_timeout": 20},
+    })  # fmt: skip
+    daemon = run.start()
+    daemon.wait_for(lambda s: _provider(s, "hang")["state"] == "RUNNING", what="RUNNING")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit(timeout=30) == 0, daemon.log()
+    assert Path(run.path("cleaned-up")).exists()
+    stopped = [e for e in daemon.events() if e.get("provider") == "hang" and
+               e["event"] in ("stopped", "exited")]  # fmt: skip
+    assert [e["exit"] for e in stopped] == ["exit 0"]
 
 
 def test_a_provider_removed_by_sighup_that_ignores_sigterm_is_killed(
