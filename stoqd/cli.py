@@ -449,9 +449,6 @@ def _daemon_parser() -> argparse.ArgumentParser:
 def _check_daemon_plugins(stoq: Stoq) -> None:
     """--check-config goes as far as the daemon's own start-up checks: a provider is
     configured, and every plugin imports and accepts its options."""
-    if not stoq.core("providers"):
-        where = stoq.config.path or "the configuration"
-        raise _Exit(EX_CONFIG, [f"{where}: [core] providers: no provider configured"])
     from .preflight import preflight
 
     problems, warnings = preflight(stoq, providers=True)

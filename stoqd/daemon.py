@@ -43,9 +43,6 @@ def run_daemon(
         logs.get().warning("plugin_replaced", detail=line)
     try:
         stoq.check()
-        if not stoq.core("providers"):
-            where = stoq.config.path or "the configuration"
-            raise ConfigError([f"{where}: [core] providers: no provider configured"])
     except ConfigError as exc:
         for problem in exc.problems:
             _error(problem)

@@ -28,11 +28,14 @@ def preflight(stoq: Stoq, providers: bool) -> Tuple[List[str], List[str]]:
     The daemon leaves providers out: one that cannot start is FATAL at once in its own
     child while the others run. ``--check-config`` includes them.
 
-    Returns (problems, warnings), one line each, naming the file and the plugin's section.
+    Returns (problems, warnings), one line each, naming the file and the plugin's section;
+    a configuration without any provider is one of the problems.
     """
     where = stoq.config.display_path
     problems: List[str] = []
     warnings: List[str] = []
+    if not stoq.core("providers"):  # a daemon with nothing to feed it would exit at once
+        problems.append(f"{where}: [core] providers: no provider configured")
     lists = _PLUGIN_LISTS if providers else _PLUGIN_LISTS[1:]
     names = [name for key in lists for name in stoq.core(key)]
     for name in dict.fromkeys(names):
@@ -44,22 +47,25 @@ def preflight(stoq: Stoq, providers: bool) -> Tuple[List[str], List[str]]:
                 message = f"[{name}] {message.removeprefix(f'plugin {name}: ')}"
             problems.append(f"{where}: {message}")
             continue
-        check_option_names(stoq, name, plugin, problems, warnings)
+        errors, unread = check_option_names(stoq, name, plugin)
+        problems += errors
+        warnings += unread
     return problems, warnings
 
 
 _PLUGIN_LISTS = ("providers", *SCAN_PLUGIN_KEYS)
 
 
-def check_option_names(
-    stoq: Stoq, name: str, plugin: Any, problems: List[str], warnings: List[str]
-) -> None:
-    """Keys of ``[NAME]`` the plugin neither declares (``.stoq [options]``) nor read.
+def check_option_names(stoq: Stoq, name: str, plugin: Any) -> Tuple[List[str], List[str]]:
+    """Keys of ``[NAME]`` the plugin neither declares (``.stoq [options]``) nor read, as
+    (problems, warnings), one line each.
 
     An unknown key is an error when it looks like a misspelling of a known one and the
     plugin reads its options through ``option()``; a stoQ v2 plugin may read
     ``plugin_opts`` directly at any time, so for it the same key is only a warning.
     """
+    problems: List[str] = []
+    warnings: List[str] = []
     read = set(getattr(plugin, "options_read", ()))
     known = set(stoq.registry.spec(name).default_options()) | read
     if isinstance(plugin, WorkerPlugin):
@@ -83,3 +89,4 @@ def check_option_names(
                 f"{where}: [{name}] {key}: plugin {name} did not read this option "
                 f"(its options: {listing}{hint})"
             )
+    return problems, warnings

@@ -11,7 +11,7 @@ import os
 import socket
 import sys
 import threading
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 from . import childproc, logs
 from .framework.core import Stoq
@@ -36,9 +36,7 @@ def _read_supervisor(endpoint: Endpoint, queue: ProviderQueue) -> None:
 
 def _check_options(stoq: Stoq, name: str, plugin: ProviderPlugin) -> None:
     """A misspelt option in the provider's section is a boot failure (FATAL at once)."""
-    problems: List[str] = []
-    warnings: List[str] = []
-    check_option_names(stoq, name, plugin, problems, warnings)
+    problems, warnings = check_option_names(stoq, name, plugin)
     for line in warnings:
         logs.get().warning("config_unread_option", detail=line)
     if problems:

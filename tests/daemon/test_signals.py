@@ -140,6 +140,24 @@ def test_sighup_with_an_invalid_file_keeps_running_and_says_why(
     assert after["daemon"]["state"] == "running"
 
 
+def test_sighup_to_a_file_without_providers_keeps_them_running(
+    make_run: Callable[..., Run],
+) -> None:
+    run = make_run({"core": {"providers": "hang"}})
+    daemon = run.start()
+    before = daemon.wait_for(lambda s: _provider(s, "hang")["state"] == "RUNNING", what="RUNNING")
+    run.configure({"core": {"providers": ""}})
+    daemon.signal(signal.SIGHUP)
+    failed = wait_until(
+        lambda: [e for e in daemon.events() if e["event"] == "reload_failed"],
+        what="a reload_failed event",
+    )
+    assert [e["error"] for e in failed] == [
+        f"{run.config}: [core] providers: no provider configured"
+    ]
+    assert _provider(daemon.status(), "hang")["pid"] == _provider(before, "hang")["pid"]
+
+
 def test_sighup_with_a_worker_rejecting_its_options_keeps_the_pool(
     make_run: Callable[..., Run],
 ) -> None:
