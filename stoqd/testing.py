@@ -99,6 +99,24 @@ class RecordingQueue:
         return False
 
 
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 30.0,
+    what: str = "condition",
+    detail: Optional[Callable[[], str]] = None,
+) -> Any:
+    """Poll ``predicate`` until it returns something true, and return that; fail naming
+    ``what``, and what ``detail()`` says about the state then, if it never does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    message = f"timed out after {timeout}s waiting for {what}"
+    raise AssertionError(f"{message}\n{detail()}" if detail else message)
+
+
 def record_outcome(path: str, item_id: str, outcome: Outcome) -> None:
     """Append ``ID STATUS ERROR`` (``-`` for no error) to ``path``: a provider running in a
     real daemon reports its outcomes to a test this way. One ``O_APPEND`` write per line,

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
-from stoqd.testing import Daemon, write_config
+from stoqd.testing import Daemon, wait_until, write_config
 
 PLUGINS = Path(__file__).resolve().parents[1] / "fixtures" / "daemon_plugins"
 
@@ -105,17 +104,6 @@ class Run:
     def close(self) -> None:
         for daemon in self.daemons:
             daemon.close()
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something true; fail with ``what`` if it never does."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def stoqctl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

@@ -25,7 +25,7 @@ from stoqd.framework.data import Payload, RequestMeta, StoqResponse, new_errors
 from stoqd.framework.data import PayloadResults as Results
 from stoqd.framework.exceptions import StoqPluginException
 from stoqd.framework.loader import PluginRegistry
-from stoqd.testing import Daemon, RecordingQueue, temp_dir, write_config
+from stoqd.testing import Daemon, RecordingQueue, temp_dir, wait_until, write_config
 from stoqd.workqueue import FAILED, Outcome
 
 pytestmark = pytest.mark.services
@@ -187,9 +187,7 @@ def test_lease_is_extended_while_a_long_scan_runs(topic: Topic) -> None:
         time.sleep(13)
         return Outcome("saved")
 
-    # Leases of at most 10 s: the client must extend the lease at least once.
-    plugin = build(subscription=topic.subscription, lease_extension=10)
-    recorded = consume(plugin, outcome=slow, timeout=16)
+    recorded = consume(build(subscription=topic.subscription), outcome=slow, timeout=16)
     assert [p.item.content for p in recorded.puts] == [b"slow to scan"]  # not redelivered
     assert recorded.stats["acked"] == 1
 
@@ -210,12 +208,12 @@ def test_flow_control_bounds_outstanding_messages(topic: Topic) -> None:
     plugin = build(subscription=topic.subscription, max_messages=3)
     thread = threading.Thread(target=plugin.ingest, args=(holding,), daemon=True)
     thread.start()
-    _wait(lambda: len(holding.puts) == 3, "three messages", 20)
+    wait_until(lambda: len(holding.puts) == 3, what="three messages", timeout=20)
     time.sleep(1)  # room for a fourth, were flow control not enforced
     assert len(holding.puts) == 3
     for put in list(holding.puts):
         put.done(Outcome("saved"))
-    _wait(lambda: len(holding.puts) == 6, "three more", 20)
+    wait_until(lambda: len(holding.puts) == 6, what="three more", timeout=20)
     holding.stopping.set()
     for put in holding.puts[3:]:
         put.done(Outcome("saved"))
@@ -239,7 +237,7 @@ def test_create_makes_topic_and_subscription(mq_pubsub: PubsubEmulator) -> None:
 
     def publish_once_created() -> None:
         path = subscriber.subscription_path(PROJECT, f"sub-{name}")
-        _wait(lambda: _exists(subscriber, path), "the subscription", 10)
+        wait_until(lambda: _exists(subscriber, path), what="the subscription", timeout=10)
         publisher.publish(publisher.topic_path(PROJECT, f"topic-{name}"), b"after").result(30)
 
     threading.Thread(target=publish_once_created, daemon=True).start()
@@ -327,10 +325,12 @@ def _daemon_dir(topic: Topic, emulator: PubsubEmulator) -> Tuple[Path, Path]:
         "core": {"providers": "pubsub", "connectors": "jsonl", "always_dispatch": "slow",
                  "plugin_dir_list": "plugins"},
         "stoqd": {"workers": 2, "backoff_initial": 0.1, "backoff_max": 1, "startretries": 100},
-        # Leases of 10 s: the killed provider's messages come back 10 s after their last
-        # lease, not after the client's default of 60 s.
+        # Leases of 30 s: the killed provider's messages come back 30 s after their last
+        # lease, not after the client's default of 60 s. Not shorter: the live provider
+        # extends its leases at a random moment before they end, and on a loaded machine
+        # a 10 s lease can lapse mid-scan, which Pub/Sub answers with a second delivery.
         "pubsub": {"project_id": PROJECT, "subscription": topic.subscription,
-                   "max_messages": 5, "lease_extension": 10},
+                   "max_messages": 5, "lease_extension": 30},
         "jsonl": {"output_file": "${here}/results.jsonl"},
     })  # fmt: skip
     return config, root / "results.jsonl"
@@ -348,17 +348,6 @@ def _saved_ids(results: Path) -> List[str]:
     return saved
 
 
-def _wait(predicate: Any, what: str, timeout: float = 60.0, detail: Any = None) -> None:
-    """Poll ``predicate``; on timeout, fail with what ``detail()`` says about the state."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}"
-                         + (f"\n{detail()}" if detail else ""))  # fmt: skip
-
-
 def test_daemon_acks_after_saving_and_kill_9_of_the_provider_loses_nothing(
     topic: Topic, mq_pubsub: PubsubEmulator
 ) -> None:
@@ -372,15 +361,15 @@ def test_daemon_acks_after_saving_and_kill_9_of_the_provider_loses_nothing(
         os.kill(first, signal.SIGKILL)
         daemon.wait_for(lambda s: daemon.provider("pubsub")["pid"] not in (None, first),
                         what="the provider restarted")  # fmt: skip
-        # Messages leased by the killed process come back after their 10 s lease; the
-        # emulator may first send some to the dead stream once more (INFRA.md): ~20 s.
+        # Messages leased by the killed process come back after their 30 s lease; the
+        # emulator may first send some to the dead stream once more (INFRA.md): ~60 s.
         saved = lambda: set(_saved_ids(results)) == set(ids)  # noqa: E731
 
         def missing() -> str:
             return (f"not saved: {sorted(set(ids) - set(_saved_ids(results)))}\n"
                     f"provider: {daemon.provider('pubsub')}\n{daemon.log()[-20000:]}")  # fmt: skip
 
-        _wait(saved, "every message saved", 180, detail=missing)
+        wait_until(saved, what="every message saved", timeout=180, detail=missing)
         daemon.wait_for(lambda s: stats().get("in_flight") == 0, what="every outcome")
         # What the killed run handed over is answered, not scanned again, on redelivery.
         assert sorted(_saved_ids(results)) == sorted(ids)  # each exactly once
@@ -456,8 +445,7 @@ class GateRun:
                      "plugin_dir_list": "plugins"},
             "stoqd": {"workers": 2, "backoff_initial": 0.1, "backoff_max": 1,
                       "startretries": 100, **stoqd},
-            "pubsub": {"project_id": PROJECT, "subscription": topic.subscription,
-                       "lease_extension": 10, **pubsub},
+            "pubsub": {"project_id": PROJECT, "subscription": topic.subscription, **pubsub},
             "jsonl": {"output_file": "${here}/results.jsonl"},
         })  # fmt: skip
         self.daemon = Daemon(config, env=emulator.env)
