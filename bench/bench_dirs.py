@@ -8,8 +8,8 @@ Each measurement is run 3 times (``--runs``) and the median printed with the oth
 1. burst: N files of 4 KiB, written beforehand outside the tree, renamed into the watched
    directory as fast as Python can; files/s from the first rename to the last result line.
 2. large: 20 files of 50 MiB renamed in; MB/s (MiB) from the first rename to the last
-   result, and the daemon's peak resident memory (sum over all its processes, sampled
-   every 20 ms) and the largest single process's peak (VmHWM).
+   result, and the daemon's peak memory (sums over all its processes of RSS and of PSS,
+   sampled every 20 ms) and the largest single process's peak (VmHWM).
 3. latency: files written in place (open, write 4 KiB, close) at 200 files/s for 5 s;
    time from each close to its result line appearing in the jsonl (polled every 1 ms).
 4. slow writers: 200 files, each written in 5 chunks 20 ms apart by 20 writers at once;
