@@ -175,7 +175,9 @@ class Supervisor:
                 return
 
     def _timeout(self) -> float:
-        deadlines = [p.next_retry for p in self.providers.values() if p.next_retry]
+        deadlines = []
+        if self.stopping_since is None:  # nothing restarts while stopping
+            deadlines = [p.next_retry for p in self.providers.values() if p.next_retry]
         deadlines += [
             w.current_since + self.daemon["scan_timeout"]
             for w in self.workers.values()
@@ -267,6 +269,7 @@ class Supervisor:
             # "first": the source says this is no redelivery (a reused message id).
             if key is not None and not header.get("first"):
                 if self._adopt(handle, str(key), item_id):
+                    self._drop_spool(header)  # never scanned: its spooled copy goes now
                     return
         self.next_seq += 1
         item = Item(
@@ -299,8 +302,7 @@ class Supervisor:
         else:
             return False
         handle.credits = max(0, handle.credits - 1)
-        handle.put += 1
-        handle.adopted += 1
+        handle.adopted += 1  # not in ``put``: it never entered the queue
         log.info("adopted", provider=handle.name, key=key)
         return True
 
@@ -308,9 +310,9 @@ class Supervisor:
         """Remember the keyed items of a provider run that ended, for its next run.
 
         Its items still in flight can no longer tell it how they ended, whatever the
-        exit. What it saw saved it acknowledged before a clean exit (a provider drains its
-        outcomes first); after a crash or a kill, some acknowledgements may not have gone
-        out, and those messages come back.
+        exit. What it saw saved it acknowledged when ``ingest`` returned (a provider
+        drains its outcomes first); after a crash, a kill or a stop, some
+        acknowledgements may not have gone out, and those messages come back.
         """
         if not clean_exit:
             for key, scan_id in handle.saved_keys.items():
@@ -330,7 +332,9 @@ class Supervisor:
             self._on_provider_readable(handle)  # what it said before dying still counts
             self._unregister(handle.channel)
         code = handle.reap()
-        self._orphan_items(handle, clean_exit=code == 0)
+        # A SIGTERM ends a provider with exit 0 too, but before it has acknowledged every
+        # outcome sent to it: only an ingest that returned (and drained) is clean.
+        self._orphan_items(handle, clean_exit=code == 0 and handle.stop_requested_at is None)
         now = time.monotonic()
         how = describe_exit(code)
         if handle.state is State.STOPPING:
@@ -542,7 +546,7 @@ class Supervisor:
                     self.counters["worker_kills"] += 1
                     log.error("timeout", worker=worker.wid, child_pid=worker.pid, limit=limit)
                     worker.kill()
-        for handle in self._all_providers():  # stoqctl stop: SIGTERM, then SIGKILL
+        for handle in self._all_providers():  # SIGTERMed (stop, reload, shutdown): SIGKILL
             asked = handle.stop_requested_at
             if handle.state is State.STOPPING and asked is not None and handle.alive():
                 if now - asked > self.daemon["graceful_timeout"]:
@@ -617,11 +621,7 @@ class Supervisor:
         self, item: Item, status: str, error: Optional[str], scan_id: Optional[str]
     ) -> None:
         handle = self.providers.get(item.provider)
-        if item.header.get("kind") == "spool":
-            path = str(item.header.get("path", ""))
-            # Only ever delete inside our own spool, whatever a provider's header says.
-            if os.path.dirname(os.path.abspath(path)) == self.spool_dir:
-                _unlink(path)
+        self._drop_spool(item.header)
         if status == FAILED:
             log.warning("failed", provider=item.provider, seq=item.seq, error=error)
         if handle is None:
@@ -640,6 +640,13 @@ class Supervisor:
                 _remember(handle.saved_keys, item.key, scan_id)
         elif item.key is not None:
             self._finish_orphan(handle, item, status, error, scan_id)
+
+    def _drop_spool(self, header: Dict[str, Any]) -> None:
+        if header.get("kind") == "spool":
+            path = str(header.get("path", ""))
+            # Only ever delete inside our own spool, whatever a provider's header says.
+            if os.path.dirname(os.path.abspath(path)) == self.spool_dir:
+                _unlink(path)
 
     def _finish_orphan(
         self, handle: ProviderHandle, item: Item, status: str, error: Optional[str],
@@ -687,6 +694,7 @@ class Supervisor:
                 handle.channel.send({"t": "stop"})
             if handle.state is State.BACKOFF:
                 handle.state = next_state(handle.state, Event.STOP)
+                handle.next_retry = None
         while self.queue:  # not started: back to the source, which redelivers
             item = self.items.pop(self.queue.popleft())
             if item.provider in self.providers:
@@ -777,7 +785,7 @@ class Supervisor:
     def stop_provider(self, handle: ProviderHandle) -> None:
         handle.state = next_state(handle.state, Event.STOP)
         handle.next_retry = None
-        if handle.alive():
+        if handle.alive() and handle.stop_requested_at is None:  # one SIGTERM only
             handle.stop_requested_at = time.monotonic()
             handle.signal(signal.SIGTERM)
 
@@ -790,6 +798,8 @@ class Supervisor:
         self._start_provider(handle)
 
     def restart_provider(self, handle: ProviderHandle) -> None:
+        if self.stopping_since is not None:
+            raise ControlError("stoqd is shutting down")
         if handle.alive():
             handle.restart_requested = True  # started again once the old process exits
             self.stop_provider(handle)
@@ -801,6 +811,9 @@ class Supervisor:
         path = self.config.path
         if path is None:
             log.error("reload_failed", error="no configuration file to reload")
+            return
+        if self.stopping_since is not None:
+            log.error("reload_failed", error="stoqd is shutting down")
             return
         for hook in self.hooks:
             hook.on_reload(self)

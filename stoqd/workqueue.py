@@ -127,7 +127,10 @@ class ProviderQueue:
         key: Optional[str] = None,
         redelivered: bool = True,
     ) -> None:
-        """Queue a local file by reference: the worker reads it, not this process."""
+        """Queue a local file by reference: the worker reads it, not this process.
+
+        ``done``, ``request_meta``, ``key`` and ``redelivered`` are as for ``put``.
+        """
         header = {
             "kind": "file",
             "path": os.fspath(path),

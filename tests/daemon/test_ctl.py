@@ -146,6 +146,24 @@ def test_stop_start_and_restart_a_provider(make_run: Callable[..., Run]) -> None
     assert events.count("spawned") == 3 and events.count("stopped") == 2
 
 
+def test_restart_while_shutting_down_is_refused(make_run: Callable[..., Run]) -> None:
+    # One slow item keeps the daemon in its graceful stop long enough to ask.
+    run = make_run({
+        "core": {"providers": "source", "always_dispatch": "sleepy"},
+        "source": {"count": 1, "special": "1", "special_prefix": "SLOW",
+                   "hold_file": "{dir}/release"},
+        "sleepy": {"match": "SLOW", "seconds": 3},
+    })  # fmt: skip
+    daemon = run.start()
+    daemon.wait_for(lambda s: any(w["state"] == "busy" for w in s["workers"]), what="busy")
+    daemon.signal(signal.SIGTERM)
+    daemon.wait_for(lambda s: s["daemon"]["state"] == "stopping", what="stopping")
+    refused = stoqctl("-s", str(daemon.socket), "restart", "source")
+    assert (refused.returncode, refused.stderr) == (1, "stoqctl: stoqd is shutting down\n")
+    assert daemon.wait_exit() == 0, daemon.log()
+    assert run.saved_ids() == {"item-1": 1}
+
+
 def test_shutdown_stops_the_daemon_with_exit_0(make_run: Callable[..., Run]) -> None:
     run = make_run({"core": {"providers": "hang"}})
     daemon = run.start()

@@ -276,3 +276,24 @@ def test_a_reused_key_that_the_source_says_is_new_is_scanned_again(
     assert run.saved_ids() == {item_id: 2 for item_id in ids}
     assert sorted(run.outcomes()) == [(item_id, "saved", "-") for item_id in ids]
     assert _events(run, "adopted") == []
+
+
+def test_an_adopted_redelivery_leaves_no_spool_file_behind(
+    make_run: Callable[..., Run], tmp_path: Path
+) -> None:
+    # Payloads over inline_max_bytes are spooled by the provider before they are put; a
+    # put answered from an earlier run is never scanned, so its spool file goes at once.
+    spool = tmp_path / "spool"
+    run = make_run({
+        "core": {"providers": "redeliver"},
+        "stoqd": {"spool_dir": str(spool)},
+        "redeliver": {"count": 3, "marker": "{dir}/marker", "outcomes": "{dir}/outcomes",
+                      "size": 400_000, "hold_file": "{dir}/release"},
+    })  # fmt: skip
+    daemon = run.start()
+    wait_until(lambda: len(run.outcomes()) == 3, what="3 outcomes")
+    assert [p.name for p in spool.glob("stoqd-*/*")] == []
+    assert len(_events(run, "adopted", provider="redeliver")) == 3
+    Path(run.path("release")).touch()
+    assert daemon.wait_exit() == 0, daemon.log()
+    assert run.saved_ids() == {f"redeliver-{i}": 1 for i in range(1, 4)}
