@@ -240,17 +240,25 @@ def test_a_provider_backing_off_at_shutdown_is_stopped(make_run: Callable[..., R
     assert len(_events(run, "spawned", provider="crash_loop")) == 1  # not restarted to stop it
 
 
+def _redeliver(make_run: Callable[..., Run], sections: Dict[str, Dict[str, Any]],
+               **options: Any) -> Run:  # fmt: skip
+    """A run of the ``redeliver`` provider (puts, SIGKILLs itself, puts again)."""
+    merged = {name: dict(values) for name, values in sections.items()}
+    merged.setdefault("core", {})["providers"] = "redeliver"
+    merged["redeliver"] = {"marker": "{dir}/marker", "outcomes": "{dir}/outcomes", **options}
+    return make_run(merged)
+
+
 def test_a_killed_providers_redeliveries_get_its_outcomes_and_are_not_scanned_twice(
     make_run: Callable[..., Run],
 ) -> None:
     # Items 1 and 2 are still being scanned when the restarted run puts them again (they
     # are answered when they finish); the others may be saved by then (answered at once).
-    run = make_run({
-        "core": {"providers": "redeliver", "always_dispatch": "hash, sleepy"},
-        "redeliver": {"count": 6, "marker": "{dir}/marker", "outcomes": "{dir}/outcomes",
-                      "special": "1, 2", "special_prefix": "SLOW"},
-        "sleepy": {"match": "SLOW", "seconds": 1.5},
-    })  # fmt: skip
+    run = _redeliver(
+        make_run,
+        {"core": {"always_dispatch": "hash, sleepy"}, "sleepy": {"match": "SLOW", "seconds": 1.5}},
+        count=6, special="1, 2", special_prefix="SLOW",
+    )  # fmt: skip
     daemon = run.start()
     assert daemon.wait_exit() == 0, daemon.log()
     ids = [f"redeliver-{i}" for i in range(1, 7)]
@@ -265,11 +273,7 @@ def test_a_killed_providers_redeliveries_get_its_outcomes_and_are_not_scanned_tw
 def test_a_reused_key_that_the_source_says_is_new_is_scanned_again(
     make_run: Callable[..., Run],
 ) -> None:
-    run = make_run({
-        "core": {"providers": "redeliver"},
-        "redeliver": {"count": 3, "marker": "{dir}/marker", "outcomes": "{dir}/outcomes",
-                      "new_messages": "true"},
-    })  # fmt: skip
+    run = _redeliver(make_run, {}, count=3, new_messages="true")
     daemon = run.start()
     assert daemon.wait_exit() == 0, daemon.log()
     ids = [f"redeliver-{i}" for i in range(1, 4)]
@@ -284,12 +288,8 @@ def test_an_adopted_redelivery_leaves_no_spool_file_behind(
     # Payloads over inline_max_bytes are spooled by the provider before they are put; a
     # put answered from an earlier run is never scanned, so its spool file goes at once.
     spool = tmp_path / "spool"
-    run = make_run({
-        "core": {"providers": "redeliver"},
-        "stoqd": {"spool_dir": str(spool)},
-        "redeliver": {"count": 3, "marker": "{dir}/marker", "outcomes": "{dir}/outcomes",
-                      "size": 400_000, "hold_file": "{dir}/release"},
-    })  # fmt: skip
+    run = _redeliver(make_run, {"stoqd": {"spool_dir": str(spool)}},
+                     count=3, size=400_000, hold_file="{dir}/release")  # fmt: skip
     daemon = run.start()
     wait_until(lambda: len(run.outcomes()) == 3, what="3 outcomes")
     assert [p.name for p in spool.glob("stoqd-*/*")] == []
