@@ -300,30 +300,17 @@ def test_connector_to_a_missing_topic_fails_saving(mq_pubsub: PubsubEmulator) ->
 
 # -- through the real daemon -----------------------------------------------------------------
 
-_SLOW = """\
-import time
-from stoq.data_classes import WorkerResponse
-from stoq.plugins import WorkerPlugin
-
-
-class Slow(WorkerPlugin):
-    def scan(self, payload, request_meta):
-        time.sleep(0.05)
-        return WorkerResponse({"size": len(payload.content)})
-"""
+# The "gate" worker (tests/fixtures/daemon_plugins/gate) holds, slows or SIGKILLs its
+# worker by the payload's first word: HOLD, SLOW, KILL, POISON.
+PLUGINS = Path(__file__).resolve().parents[1] / "fixtures" / "daemon_plugins"
 
 
 def _daemon_dir(topic: Topic, emulator: PubsubEmulator) -> Tuple[Path, Path]:
     root = temp_dir("stoqd-ps-")
-    folder = root / "plugins" / "slow"
-    folder.mkdir(parents=True)
-    (folder / "slow.py").write_text(_SLOW)
-    (folder / "slow.stoq").write_text(
-        "[Core]\nName = slow\nModule = slow\n\n[Documentation]\nDescription = slow\n"
-    )
     config = write_config(root, {
-        "core": {"providers": "pubsub", "connectors": "jsonl", "always_dispatch": "slow",
-                 "plugin_dir_list": "plugins"},
+        "core": {"providers": "pubsub", "connectors": "jsonl", "always_dispatch": "gate",
+                 "plugin_dir_list": str(PLUGINS)},
+        "gate": {"gate_dir": str(root)},
         "stoqd": {"workers": 2, "backoff_initial": 0.1, "backoff_max": 1, "startretries": 100},
         # Leases of 30 s: the killed provider's messages come back 30 s after their last
         # lease, not after the client's default of 60 s. Not shorter: the live provider
@@ -351,7 +338,7 @@ def _saved_ids(results: Path) -> List[str]:
 def test_daemon_acks_after_saving_and_kill_9_of_the_provider_loses_nothing(
     topic: Topic, mq_pubsub: PubsubEmulator
 ) -> None:
-    ids = [topic.publish(b"message %d" % n) for n in range(40)]
+    ids = [topic.publish(b"SLOW message %d" % n) for n in range(40)]
     config, results = _daemon_dir(topic, mq_pubsub)
     daemon = Daemon(config, env=mq_pubsub.env)
     try:
@@ -381,41 +368,6 @@ def test_daemon_acks_after_saving_and_kill_9_of_the_provider_loses_nothing(
     assert topic.pull(1, timeout=5) == []
 
 
-# Test worker "gate", written into the daemon's plugin directory. HOLD: writes its
-# worker's pid to gate/holding and waits for gate/release. KILL: SIGKILLs its worker the
-# first time it sees that content (a marker file remembers), so stoqd's retry saves it.
-# POISON: SIGKILLs its worker every time, so stoqd quarantines it. Anything else: 50 ms.
-_GATE = """\
-import os, signal, time
-from stoq.data_classes import WorkerResponse
-from stoq.plugins import WorkerPlugin
-
-
-class Gate(WorkerPlugin):
-    def scan(self, payload, request_meta):
-        content = payload.content
-        gate = self.config.get("options", "gate_dir")
-        if content.startswith(b"HOLD"):
-            with open(os.path.join(gate, "holding.tmp"), "w") as handle:
-                handle.write(str(os.getpid()))
-            os.replace(os.path.join(gate, "holding.tmp"), os.path.join(gate, "holding"))
-            while not os.path.exists(os.path.join(gate, "release")):
-                time.sleep(0.02)
-        elif content.startswith(b"KILL"):
-            marker = os.path.join(gate, "killed-" + content.hex())
-            if not os.path.exists(marker):
-                open(marker, "w").close()
-                os.kill(os.getpid(), signal.SIGKILL)
-        elif content.startswith(b"POISON"):
-            with open(os.path.join(gate, "poisoned"), "a") as handle:
-                handle.write("x")
-            os.kill(os.getpid(), signal.SIGKILL)
-        else:
-            time.sleep(0.05)
-        return WorkerResponse({"size": len(content)})
-"""
-
-
 def send(topic: Topic, body: bytes) -> str:
     """Publish ``body`` with a unique ``key`` attribute; returns the key. Message ids will
     not do: a restarted emulator numbers its messages from 1 again."""
@@ -432,17 +384,11 @@ class GateRun:
         self.dir = temp_dir("stoqd-ps-")
         self.gate = self.dir / "gate"
         self.gate.mkdir()
-        folder = self.dir / "plugins" / "gate"
-        folder.mkdir(parents=True)
-        (folder / "gate.py").write_text(_GATE)
-        (folder / "gate.stoq").write_text(
-            "[Core]\nName = gate\nModule = gate\n\n[Documentation]\nDescription = gate\n"
-            f"\n[options]\ngate_dir = {self.gate}\n"
-        )
         self.results = self.dir / "results.jsonl"
         config = write_config(self.dir, {
             "core": {"providers": "pubsub", "connectors": "jsonl", "always_dispatch": "gate",
-                     "plugin_dir_list": "plugins"},
+                     "plugin_dir_list": str(PLUGINS)},
+            "gate": {"gate_dir": str(self.gate)},
             "stoqd": {"workers": 2, "backoff_initial": 0.1, "backoff_max": 1,
                       "startretries": 100, **stoqd},
             "pubsub": {"project_id": PROJECT, "subscription": topic.subscription, **pubsub},

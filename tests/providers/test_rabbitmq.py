@@ -335,43 +335,9 @@ def test_connector_without_destination_says_so(mq_rabbitmq: RabbitNode) -> None:
 
 # -- through the real daemon -----------------------------------------------------------------
 
-# Test workers, written into a plugin directory: "gate" holds payloads starting with HOLD
-# until a release file exists; "killer" SIGKILLs its worker the first time it sees a
-# payload starting with KILL (a marker file remembers), so stoqd must retry it.
-_GATE = """\
-import os, time
-from stoq.data_classes import WorkerResponse
-from stoq.plugins import WorkerPlugin
-
-
-class Gate(WorkerPlugin):
-    def scan(self, payload, request_meta):
-        content = payload.content
-        gate_dir = self.config.get("options", "gate_dir")
-        if content.startswith(b"HOLD"):
-            open(os.path.join(gate_dir, "holding"), "w").close()
-            while not os.path.exists(os.path.join(gate_dir, "release")):
-                time.sleep(0.02)
-        if content.startswith(b"SLOW"):
-            time.sleep(0.05)
-        if content.startswith(b"KILL"):
-            marker = os.path.join(gate_dir, "killed-" + content.hex()[:64])
-            if not os.path.exists(marker):
-                open(marker, "w").close()
-                os.kill(os.getpid(), 9)
-        return WorkerResponse({"size": len(content)})
-"""
-
-
-def _plugins(root: Path, gate_dir: Path) -> Path:
-    folder = root / "plugins" / "gate"
-    folder.mkdir(parents=True)
-    (folder / "gate.py").write_text(_GATE)
-    (folder / "gate.stoq").write_text(
-        f"[Core]\nName = gate\nModule = gate\n\n[Documentation]\nDescription = test gate\n"
-        f"\n[options]\ngate_dir = {gate_dir}\n"
-    )
-    return root / "plugins"
+# The "gate" worker (tests/fixtures/daemon_plugins/gate) holds, slows or SIGKILLs its
+# worker by the payload's first word: HOLD, SLOW, KILL.
+PLUGINS = Path(__file__).resolve().parents[1] / "fixtures" / "daemon_plugins"
 
 
 class Run:
@@ -381,11 +347,11 @@ class Run:
         self.dir = temp_dir("stoqd-mq-")
         self.gate = self.dir / "gate"
         self.gate.mkdir()
-        _plugins(self.dir, self.gate)
         self.results = self.dir / "results.jsonl"
         self.config = write_config(self.dir, {
             "core": {"providers": "rabbitmq", "connectors": "jsonl", "source_archivers": "filedir",
-                     "always_dispatch": "gate", "plugin_dir_list": "plugins"},
+                     "always_dispatch": "gate", "plugin_dir_list": str(PLUGINS)},
+            "gate": {"gate_dir": str(self.gate)},
             "stoqd": {"workers": workers, "backoff_initial": 0.1, "backoff_max": 1,
                       "startretries": 100, "graceful_timeout": 10},
             "rabbitmq": {"host": "127.0.0.1", "port": node.port, "queue": queue,
