@@ -321,9 +321,14 @@ class Supervisor:
         for seq, item in self.items.items():
             if item.provider != handle.name or item.key is None:
                 continue
-            if item.adopted_by is None or item.adopted_by[0] == handle.generation:
-                item.adopted_by = None  # an adoption by the run that just ended is void
-                handle.orphans[item.key] = seq
+            # A handle re-added by a reload under the same name numbers its runs after
+            # this one's: its items, and what its runs adopted, are not this handle's.
+            if item.generation > handle.generation:
+                continue
+            if item.adopted_by is not None and item.adopted_by[0] != handle.generation:
+                continue
+            item.adopted_by = None  # an adoption by the run that just ended is void
+            handle.orphans[item.key] = seq
 
     def _on_provider_exit(self, handle: ProviderHandle) -> None:
         self.selector.unregister(handle.process.sentinel)
@@ -657,12 +662,13 @@ class Supervisor:
         assert key is not None
         if handle.orphans.get(key) == item.seq:
             del handle.orphans[key]
-        adopted = item.adopted_by is not None and item.adopted_by[0] == handle.generation
-        if adopted:
-            assert item.adopted_by is not None
-            self._send_done(handle, item.adopted_by[1], status, error, scan_id)
+        adopter = item.adopted_by
+        if adopter is not None and adopter[0] != handle.generation:
+            adopter = None  # adopted by a run that has ended since, or by another handle's
+        if adopter is not None:
+            self._send_done(handle, adopter[1], status, error, scan_id)
         if status == SAVED:
-            _remember(handle.saved_keys if adopted else handle.orphans_saved, key, scan_id)
+            _remember(handle.saved_keys if adopter else handle.orphans_saved, key, scan_id)
 
     @staticmethod
     def _send_done(
