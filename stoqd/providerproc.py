@@ -8,6 +8,7 @@ not be loaded, anything else a crash.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import threading
@@ -28,6 +29,11 @@ def _read_supervisor(endpoint: Endpoint, queue: ProviderQueue) -> None:
         message = endpoint.receive()
         if message is None:  # the supervisor is gone: nobody can scan what we put
             os._exit(1)
+        if message[0].get("t") == "terminate":
+            # Every outcome sent before it has gone to its callback: now stop. Sent to the
+            # main thread itself, so a blocking call there is interrupted.
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGTERM)
+            continue
         try:
             queue.on_message(message[0])
         except Exception as exc:  # a provider's done callback failed

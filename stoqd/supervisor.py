@@ -718,11 +718,8 @@ class Supervisor:
         for handle in self.providers.values():
             if handle.state in (State.STARTING, State.RUNNING):
                 handle.state = next_state(handle.state, Event.STOP)
-            if handle.stop_requested_at is not None or not handle.alive():
-                continue  # one SIGTERM only: a second could cut short its clean-up
-            if not (handle.channel and handle.channel.wants_write):
-                handle.stop_requested_at = time.monotonic()
-                handle.signal(signal.SIGTERM)
+            if handle.stop_requested_at is None and handle.alive():
+                self._terminate(handle)  # once: a second SIGTERM could cut short its clean-up
 
     def _finished(self, now: float) -> bool:
         if self.stopping_since is None:
@@ -792,7 +789,23 @@ class Supervisor:
         handle.state = next_state(handle.state, Event.STOP)
         handle.next_retry = None
         if handle.alive() and handle.stop_requested_at is None:  # one SIGTERM only
-            handle.stop_requested_at = time.monotonic()
+            self._terminate(handle)
+
+    def _terminate(self, handle: ProviderHandle) -> None:
+        """SIGTERM a provider, after the outcomes already sent to it.
+
+        A running provider gets a ``terminate`` frame: it queues behind the ``done`` frames
+        on its socket, and its completion thread SIGTERMs its own main thread only once
+        every one of them went to its callback (acknowledged, moved). A SIGTERM sent
+        straight away could start its clean-up with outcomes still unread, and messages
+        saved but not acknowledged would come back to be scanned again. A provider still
+        loading its plugin has no completion thread yet and no outcomes: it is signalled.
+        """
+        handle.stop_requested_at = time.monotonic()
+        channel = handle.channel
+        if handle.ready_at is not None and channel is not None and not channel.closed:
+            channel.send({"t": "terminate"})
+        else:
             handle.signal(signal.SIGTERM)
 
     def start_provider(self, handle: ProviderHandle) -> None:
