@@ -18,6 +18,10 @@ Each measurement is run 3 times (``--runs``) and the median printed with the oth
    (the daemon exits when dirscan is exhausted), files/s; also first-to-last result.
 6. walk memory: dirscan over a tree of empty files (skipped: nothing is scanned, the walk
    is what is measured); the provider process's peak RSS for 100k and 1M files.
+7. ceiling: the scanning alone, with no daemon: this one process reads each file and
+   calls what the ``hash`` and ``mimetype`` workers call (hashlib, libmagic), then writes
+   a JSON line. CPU time per file, and what every core of the machine doing nothing else
+   would reach: the most any daemon could do here with these two workers.
 
 Run: ``.venv/bin/python bench/bench_dirs.py`` (``--quick`` for a smoke run). Numbers are
 printed, never asserted.
@@ -516,6 +520,44 @@ def bench_walk_memory(count: int) -> Dict[str, float]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def bench_ceiling(count: int, size: int) -> Dict[str, float]:
+    """The scan work of ``count`` files of ``size`` random bytes, in this process alone.
+
+    What the daemon cannot go below: the same library calls as the ``hash`` (its default
+    algorithms) and ``mimetype`` workers on the same bytes, and a result line, with none
+    of the daemon's passing around. CPU time, so other work on the machine does not count.
+    """
+    import magic
+
+    from stoqd.builtin.hash import DEFAULT_ALGORITHMS, digests
+    from stoqd.builtin.mimetype import DEFAULT_MAX_BYTES
+
+    base = workspace("ceiling")
+    try:
+        paths = staged_files(base / "src", count, size)
+        mime = magic.Magic(mime=True)
+        cores = len(os.sched_getaffinity(0))
+        with open(base / "results.jsonl", "w") as out:
+            started = time.process_time()
+            for path in paths:
+                content = path.read_bytes()
+                result = {
+                    "hash": digests(content, DEFAULT_ALGORITHMS),
+                    "mimetype": mime.from_buffer(content[:DEFAULT_MAX_BYTES]),
+                }
+                out.write(json.dumps(result) + "\n")
+            cpu = time.process_time() - started
+        per_file = cpu / count
+        return {
+            "CPU us per file": per_file * 1e6,
+            "files/s, one core": 1 / per_file,
+            f"files/s, {cores} cores": cores / per_file,
+            f"MB/s, {cores} cores": cores * size / MIB / per_file,
+        }
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 # -- running and printing -------------------------------------------------------------
 
 
@@ -540,18 +582,28 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small counts, one run each")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--only", nargs="+", help="burst large latency slow dirscan walk")
+    parser.add_argument(
+        "--only", nargs="+", help="burst large latency slow dirscan walk ceiling"
+    )
     parser.add_argument("--walk-files", type=int, default=1_000_000)
     args = parser.parse_args()
     runs = 1 if args.quick else args.runs
     scale = 10 if args.quick else 1
-    only = set(args.only or ["burst", "large", "latency", "slow", "dirscan", "walk"])
+    only = set(args.only or ["burst", "large", "latency", "slow", "dirscan", "walk", "ceiling"])
 
     print("stoqd directory providers benchmark", time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     for key, value in machine_facts().items():
         print(f"  {key:16} {value}")
     print(f"  runs             median of {runs}")
 
+    if "ceiling" in only:
+        # First, so a reader sees what the machine allows before what stoqd does.
+        n = 5000 // scale
+        show(f"ceiling: hash+mimetype+JSON line of {n} x 4 KiB, no daemon", "(the limit here)",
+             median_of(runs, lambda: bench_ceiling(n, 4096)))  # fmt: skip
+        n = 4 // (2 if args.quick else 1)
+        show(f"ceiling: the same for {n} x 50 MiB", "(the limit here)",
+             median_of(runs, lambda: bench_ceiling(n, 50 * MIB)))  # fmt: skip
     if "burst" in only:
         n = 5000 // scale
         show(f"dirmon: {n} x 4 KiB renamed in, hash+mimetype -> jsonl", ">= 10,000 files/s",
