@@ -582,9 +582,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small counts, one run each")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument(
-        "--only", nargs="+", help="burst large latency slow dirscan walk ceiling"
-    )
+    parser.add_argument("--only", nargs="+", help="burst large latency slow dirscan walk ceiling")
     parser.add_argument("--walk-files", type=int, default=1_000_000)
     args = parser.parse_args()
     runs = 1 if args.quick else args.runs
