@@ -270,6 +270,28 @@ def test_a_killed_providers_redeliveries_get_its_outcomes_and_are_not_scanned_tw
     ]
 
 
+def test_a_redelivery_of_an_item_still_being_scanned_waits_for_its_outcome(
+    make_run: Callable[..., Run],
+) -> None:
+    # redeliver-1 is held in a worker until the test releases it, so the restarted run's
+    # put of it can only be answered when that one scan ends: never at once, never twice.
+    run = _redeliver(
+        make_run,
+        {"core": {"always_dispatch": "gate"}, "gate": {"gate_dir": "{dir}"}},
+        count=3, special="1", special_prefix="HOLD",
+    )  # fmt: skip
+    daemon = run.start()
+    wait_until(lambda: len(_events(run, "adopted", provider="redeliver")) == 3,
+               what="3 adoptions", detail=daemon.log)  # fmt: skip
+    assert os.path.exists(run.path("holding"))
+    assert "redeliver-1" not in [item_id for item_id, _, _ in run.outcomes()]
+    Path(run.path("release")).touch()
+    assert daemon.wait_exit() == 0, daemon.log()
+    ids = [f"redeliver-{i}" for i in range(1, 4)]
+    assert run.saved_ids() == {item_id: 1 for item_id in ids}
+    assert sorted(run.outcomes()) == [(item_id, "saved", "-") for item_id in ids]
+
+
 def test_a_reused_key_that_the_source_says_is_new_is_scanned_again(
     make_run: Callable[..., Run],
 ) -> None:
