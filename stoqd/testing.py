@@ -35,6 +35,7 @@ class Put:
     done: Optional[DoneCallback] = None
     request_meta: Optional[RequestMeta] = None
     key: Optional[str] = None
+    redelivered: bool = True
 
 
 @dataclass
@@ -60,7 +61,8 @@ class RecordingQueue:
     ) -> None:
         if isinstance(item, (bytes, bytearray)):
             item = Payload(bytes(item))
-        self._record(Put(item, done=done, request_meta=request_meta, key=key))
+        self._record(Put(item, done=done, request_meta=request_meta, key=key,
+                         redelivered=redelivered))  # fmt: skip
 
     def put_file(
         self,
@@ -75,7 +77,7 @@ class RecordingQueue:
         redelivered: bool = True,
     ) -> None:
         self._record(Put(payload_meta, path=os.fspath(path), done=done,
-                         request_meta=request_meta, key=key))  # fmt: skip
+                         request_meta=request_meta, key=key, redelivered=redelivered))  # fmt: skip
 
     def _record(self, put: Put) -> None:
         if self.stopping.is_set():

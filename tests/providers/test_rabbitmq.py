@@ -27,7 +27,7 @@ from stoqd.framework.data import PayloadResults as Results
 from stoqd.framework.exceptions import StoqPluginException
 from stoqd.framework.loader import PluginRegistry
 from stoqd.testing import Daemon, RecordingQueue, temp_dir, wait_until, write_config
-from stoqd.workqueue import FAILED, SAVED, Outcome
+from stoqd.workqueue import FAILED, NOT_DONE, SAVED, Outcome
 
 pytestmark = pytest.mark.services
 
@@ -152,6 +152,22 @@ def test_message_becomes_payload_with_properties_and_is_acked_after_saved(
     assert extra["queue"] == queue and extra["redelivered"] is False
     assert broker.ready(queue) == 0
     assert recorded.stats["acked"] == 1 and recorded.stats["received"] == 1
+
+
+def test_message_id_is_the_key_and_a_requeued_message_is_put_as_redelivered(
+    mq_rabbitmq: RabbitNode, broker: Broker
+) -> None:
+    # The key and the broker's redelivered flag are what let stoqd answer a restarted
+    # provider's redelivery from the earlier run (docs/providers.md, "adoption").
+    queue = unique()
+    plugin = declare(mq_rabbitmq, queue)
+    broker.publish(queue, b"given back once", message_id="m-again")
+    outcomes = iter([Outcome(NOT_DONE), Outcome(SAVED, scan_id="s")])
+    recorded = consume(plugin, outcome=lambda put: next(outcomes), max_items=2)
+    assert [(p.key, p.redelivered) for p in recorded.puts] == [("m-again", False),
+                                                               ("m-again", True)]  # fmt: skip
+    wait_until(lambda: broker.ready(queue) == 0 and recorded.stats["acked"] == 1,
+               what="the redelivery acked")  # fmt: skip
 
 
 def test_json_message_is_an_archiver_reference(mq_rabbitmq: RabbitNode, broker: Broker) -> None:
