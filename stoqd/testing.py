@@ -119,6 +119,25 @@ def wait_until(
     raise AssertionError(f"{message}\n{detail()}" if detail else message)
 
 
+def complete_lines(path: Union[str, os.PathLike[str]]) -> List[str]:
+    """The lines of a file another process appends to, without one still being written.
+
+    A reader can see part of a line whose single ``write`` has not finished (the kernel
+    copies it into the page cache piece by piece), so only text up to the last newline
+    is complete. A missing file has no lines.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return []
+    return data[: data.rfind(b"\n") + 1].decode().splitlines()
+
+
+def read_jsonl(path: Union[str, os.PathLike[str]]) -> List[Dict[str, Any]]:
+    """The complete, non-blank lines of a JSON-lines file, parsed (see ``complete_lines``)."""
+    return [json.loads(line) for line in complete_lines(path) if line.strip()]
+
+
 def record_outcome(path: str, item_id: str, outcome: Outcome) -> None:
     """Append ``ID STATUS ERROR`` (``-`` for no error) to ``path``: a provider running in a
     real daemon reports its outcomes to a test this way. One ``O_APPEND`` write per line,

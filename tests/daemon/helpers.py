@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
-from stoqd.testing import Daemon, wait_until, write_config
+from stoqd.testing import Daemon, complete_lines, read_jsonl, wait_until, write_config
 
 PLUGINS = Path(__file__).resolve().parents[1] / "fixtures" / "daemon_plugins"
 
@@ -72,9 +71,7 @@ class Run:
 
     def results(self) -> List[Dict[str, Any]]:
         """Every result line the ``jsonl`` connector wrote."""
-        if not self.results_path.exists():
-            return []
-        return [json.loads(line) for line in self.results_path.read_text().splitlines()]
+        return read_jsonl(self.results_path)
 
     def saved_ids(self) -> Counter[str]:
         """How many results were saved for each payload id (``extra_data["id"]``)."""
@@ -92,11 +89,8 @@ class Run:
 
     def outcomes(self, name: str = "outcomes") -> List[Outcome]:
         """What a fixture provider recorded through ``done=``: (id, status, error)."""
-        path = self.dir / name
-        if not path.exists():
-            return []
         out = []
-        for line in path.read_text().splitlines():
+        for line in complete_lines(self.dir / name):
             item_id, status, error = line.split(" ", 2)
             out.append((item_id, status, error))
         return out

@@ -28,6 +28,8 @@ from typing import Dict, Iterator, List, Optional
 import pytest
 from deploy_helpers import CONTAINER_SETUP, DEPLOY, REPO, held_config, needs_namespaces
 
+from stoqd.testing import read_jsonl
+
 DOCKER = DEPLOY / "docker"
 DOCKERFILE = DOCKER / "Dockerfile"
 LOCK = DOCKER / "requirements.lock"
@@ -441,10 +443,10 @@ def test_container_scans_a_dropped_file_and_stops_on_sigterm(container_work: Pat
         (box.incoming / "sample.txt").write_bytes(sample)
         results = box.results / "results.jsonl"
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not (results.exists() and results.read_text()):
+        while time.monotonic() < deadline and not read_jsonl(results):
             time.sleep(0.1)
-        (line,) = results.read_text().splitlines()
-        workers = json.loads(line)["results"][0]["workers"][0]
+        (response,) = read_jsonl(results)
+        workers = response["results"][0]["workers"][0]
         assert workers["hash"]["sha256"] == hashlib.sha256(sample).hexdigest()
         assert workers["mimetype"]["mimetype"] == "text/plain"
         assert box.stop() == 0, box.log()

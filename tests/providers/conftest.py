@@ -21,6 +21,7 @@ from services import mq_pubsub, mq_rabbitmq  # noqa: F401  (queue brokers: tests
 
 from stoqd.framework.data import PayloadMeta
 from stoqd.framework.loader import PluginRegistry
+from stoqd.testing import read_jsonl
 from stoqd.workqueue import Outcome
 
 # -- directory providers -----------------------------------------------------------------
@@ -257,11 +258,7 @@ def dir_daemon(dir_workdir: Path) -> Iterator[Callable[..., Any]]:
 def dir_results(workdir: Path) -> Dict[str, List[Dict[str, Any]]]:
     """The saved results in ``workdir/results.jsonl``, by the file path they came from."""
     by_path: Dict[str, List[Dict[str, Any]]] = {}
-    results = workdir / "results.jsonl"
-    if not results.exists():
-        return by_path
-    for line in results.read_text().splitlines():
-        response = json.loads(line)
+    for response in read_jsonl(workdir / "results.jsonl"):
         payload = response["results"][0]
         by_path.setdefault(payload["payload_meta"]["extra_data"]["path"], []).append(payload)
     return by_path

@@ -25,7 +25,14 @@ from stoqd.framework.data import Payload, RequestMeta, StoqResponse, new_errors
 from stoqd.framework.data import PayloadResults as Results
 from stoqd.framework.exceptions import StoqPluginException
 from stoqd.framework.loader import PluginRegistry
-from stoqd.testing import Daemon, RecordingQueue, temp_dir, wait_until, write_config
+from stoqd.testing import (
+    Daemon,
+    RecordingQueue,
+    read_jsonl,
+    temp_dir,
+    wait_until,
+    write_config,
+)
 from stoqd.workqueue import FAILED, Outcome
 
 pytestmark = pytest.mark.services
@@ -325,11 +332,9 @@ def _daemon_dir(topic: Topic, emulator: PubsubEmulator) -> Tuple[Path, Path]:
 
 def _saved_ids(results: Path) -> List[str]:
     """The message id of every saved result, in order (failure records have none)."""
-    if not results.exists():
-        return []
     saved = []
-    for line in results.read_text().splitlines():
-        payloads = json.loads(line)["results"] if line.strip() else []
+    for response in read_jsonl(results):
+        payloads = response["results"]
         if payloads:  # a record of why an item could not be scanned has no payload
             saved.append(payloads[0]["payload_meta"]["extra_data"]["message_id"])
     return saved
@@ -402,11 +407,9 @@ class GateRun:
 
     def saved(self) -> List[str]:
         """The ``key`` attribute of every saved result (see ``send``)."""
-        if not self.results.exists():
-            return []
         saved = []
-        for line in self.results.read_text().splitlines():
-            payloads = json.loads(line)["results"] if line.strip() else []
+        for response in read_jsonl(self.results):
+            payloads = response["results"]
             if payloads:  # a record of why an item could not be scanned has no payload
                 saved.append(payloads[0]["payload_meta"]["extra_data"]["attributes"]["key"])
         return saved

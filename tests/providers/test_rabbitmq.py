@@ -26,7 +26,14 @@ from stoqd.framework.data import Payload, RequestMeta, StoqResponse, new_errors
 from stoqd.framework.data import PayloadResults as Results
 from stoqd.framework.exceptions import StoqPluginException
 from stoqd.framework.loader import PluginRegistry
-from stoqd.testing import Daemon, RecordingQueue, temp_dir, wait_until, write_config
+from stoqd.testing import (
+    Daemon,
+    RecordingQueue,
+    read_jsonl,
+    temp_dir,
+    wait_until,
+    write_config,
+)
 from stoqd.workqueue import FAILED, NOT_DONE, SAVED, Outcome
 
 pytestmark = pytest.mark.services
@@ -384,11 +391,9 @@ class Run:
 
     def saved(self) -> List[Dict[str, Any]]:
         """``extra_data`` of the root payload of every saved result."""
-        if not self.results.exists():
-            return []
         saved = []
-        for line in self.results.read_text().splitlines():
-            results = json.loads(line)["results"] if line.strip() else []
+        for response in read_jsonl(self.results):
+            results = response["results"]
             if results:  # failure records (why an item could not be scanned) have none
                 saved.append(results[0]["payload_meta"]["extra_data"])
         return saved

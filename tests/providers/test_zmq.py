@@ -17,7 +17,7 @@ import zmq
 from stoqd.framework.data import Payload
 from stoqd.framework.exceptions import StoqPluginException
 from stoqd.framework.loader import PluginRegistry
-from stoqd.testing import Daemon, RecordingQueue, temp_dir, write_config
+from stoqd.testing import Daemon, RecordingQueue, read_jsonl, temp_dir, write_config
 
 REGISTRY = PluginRegistry()
 
@@ -236,9 +236,8 @@ def test_daemon_scans_what_is_pushed(context: Any) -> None:
             push.send_multipart([b'{"extra_data": {"n": %d}}' % number, b"payload %d" % number])
         daemon.wait_for(lambda s: daemon.provider("zmq")["stats"].get("saved") == 20,
                         what="twenty results")  # fmt: skip
-        lines = (root / "results.jsonl").read_text().splitlines()
-        numbers = sorted(json.loads(line)["results"][0]["payload_meta"]["extra_data"]["n"]
-                         for line in lines)  # fmt: skip
+        numbers = sorted(response["results"][0]["payload_meta"]["extra_data"]["n"]
+                         for response in read_jsonl(root / "results.jsonl"))  # fmt: skip
         assert numbers == list(range(20))
         status = daemon.provider("zmq")["stats"]
         assert status["acknowledgement"].startswith("none: ZeroMQ has no acknowledgement")

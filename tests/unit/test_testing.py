@@ -1,0 +1,21 @@
+"""The test helpers that read files a running daemon is still appending to."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stoqd.testing import complete_lines, read_jsonl
+
+
+def test_a_line_still_being_written_is_not_read(tmp_path: Path) -> None:
+    # What a reader saw while the jsonl connector's write of the second line was under way.
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(b'{"n": 1}\n{"n": 2}\n{"n": 3, "resu')
+    assert complete_lines(path) == ['{"n": 1}', '{"n": 2}']
+    assert read_jsonl(path) == [{"n": 1}, {"n": 2}]
+
+
+def test_a_missing_file_or_one_without_a_whole_line_has_none(tmp_path: Path) -> None:
+    assert read_jsonl(tmp_path / "absent.jsonl") == []
+    (tmp_path / "half.jsonl").write_bytes(b'{"n"')
+    assert complete_lines(tmp_path / "half.jsonl") == []
