@@ -124,13 +124,14 @@ def complete_lines(path: Union[str, os.PathLike[str]]) -> List[str]:
 
     A reader can see part of a line whose single ``write`` has not finished (the kernel
     copies it into the page cache piece by piece), so only text up to the last newline
-    is complete. A missing file has no lines.
+    is complete. A missing file has no lines. Split on "\n" only (``splitlines`` would
+    also split on "\r" and other separators a line may hold).
     """
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         return []
-    return data[: data.rfind(b"\n") + 1].decode().splitlines()
+    return data[: data.rfind(b"\n") + 1].decode().split("\n")[:-1]
 
 
 def read_jsonl(path: Union[str, os.PathLike[str]]) -> List[Dict[str, Any]]:

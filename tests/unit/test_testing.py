@@ -8,11 +8,18 @@ from stoqd.testing import complete_lines, read_jsonl
 
 
 def test_a_line_still_being_written_is_not_read(tmp_path: Path) -> None:
-    # What a reader saw while the jsonl connector's write of the second line was under way.
+    # What a reader saw while the jsonl connector's write of the third line was under way.
     path = tmp_path / "results.jsonl"
-    path.write_bytes(b'{"n": 1}\n{"n": 2}\n{"n": 3, "resu')
-    assert complete_lines(path) == ['{"n": 1}', '{"n": 2}']
+    path.write_bytes(b'{"n": 1}\n\n{"n": 2}\n{"n": 3, "resu')
+    assert complete_lines(path) == ['{"n": 1}', "", '{"n": 2}']
     assert read_jsonl(path) == [{"n": 1}, {"n": 2}]
+
+
+def test_a_line_is_ended_by_a_newline_only(tmp_path: Path) -> None:
+    # An outcome's error text may hold a carriage return; it stays inside its line.
+    path = tmp_path / "outcomes"
+    path.write_bytes(b"id-1 failed disk\rfull\nid-2 sav")
+    assert complete_lines(path) == ["id-1 failed disk\rfull"]
 
 
 def test_a_missing_file_or_one_without_a_whole_line_has_none(tmp_path: Path) -> None:
