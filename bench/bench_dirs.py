@@ -7,7 +7,7 @@ Each measurement is run 3 times (``--runs``) and the median printed with the oth
 
 1. burst: N files of 4 KiB, written beforehand outside the tree, renamed into the watched
    directory as fast as Python can; files/s from the first rename to the last result line.
-2. large: 20 files of 50 MiB renamed in; MB/s (MiB) from the first rename to the last
+2. large: 20 files of 50 MiB renamed in; MiB/s from the first rename to the last
    result, and the daemon's peak memory (sums over all its processes of RSS and of PSS,
    sampled every 20 ms) and the largest single process's peak (VmHWM).
 3. latency: files written in place (open, write 4 KiB, close) at 200 files/s for 5 s;
@@ -331,7 +331,7 @@ def bench_large(count: int, size: int) -> Dict[str, float]:
         sampler.stop()
         stop(daemon)
         return {
-            "MB/s": count * size / MIB / (last - started),
+            "MiB/s": count * size / MIB / (last - started),
             "peak RSS MiB (sum)": sampler.peak_total / MIB,
             "peak PSS MiB (sum)": sampler.peak_pss / MIB,
             "peak process MiB": max(sampler.peak_hwm.values()) / MIB,
@@ -552,7 +552,7 @@ def bench_ceiling(count: int, size: int) -> Dict[str, float]:
             "CPU us per file": per_file * 1e6,
             "files/s, one core": 1 / per_file,
             f"files/s, {cores} cores": cores / per_file,
-            f"MB/s, {cores} cores": cores * size / MIB / per_file,
+            f"MiB/s, {cores} cores": cores * size / MIB / per_file,
         }
     finally:
         shutil.rmtree(base, ignore_errors=True)
