@@ -25,7 +25,7 @@ import queue as stdlib_queue
 import threading
 import time
 from configparser import ConfigParser
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from google.api_core import exceptions as google_errors
 from google.cloud import pubsub_v1
@@ -38,6 +38,7 @@ from stoqd.framework.exceptions import StoqPluginException
 from stoqd.framework.plugins import ConnectorPlugin, ProviderPlugin
 
 _ATTEMPTS_KEPT = 100_000  # message ids with a failed delivery, for bounded retries
+_SAVED_IDS_KEPT = 100_000  # message ids saved and acked, to skip Pub/Sub's redeliveries
 _PUBLISH_TIMEOUT = 60.0
 # The streaming pull retries an unreachable service in silence, so the connection state
 # in the status comes from a cheap call on the same channel every few seconds.
@@ -139,12 +140,19 @@ class _Puller:
         self.path = self.subscriber.subscription_path(plugin.project_id, plugin.subscription)
         self.lock = threading.Lock()
         self.attempts: collections.OrderedDict[str, int] = collections.OrderedDict()
+        # Pub/Sub delivers at least once: the same message (same id) can come again while
+        # its first delivery is scanned (a lease that lapsed) or after it was saved (an ack
+        # lost on the way). ``scanning``: ids with a delivery in stoqd, and the repeats
+        # parked behind it; ``saved_ids``: ids this process saved and acked.
+        self.scanning: Dict[str, List[Any]] = {}
+        self.saved_ids: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.in_flight = 0
         self.probing = True
         self.stats: Dict[str, Any] = {
             "connection": "connecting", "subscription": self.path,
             "acknowledgement": "after results are saved", "received": 0, "acked": 0,
-            "nacked": 0, "dead_lettered": 0, "in_flight": 0, "last_error": None,
+            "nacked": 0, "dead_lettered": 0, "duplicates_skipped": 0, "in_flight": 0,
+            "last_error": None,
         }  # fmt: skip
 
     def run(self) -> None:
@@ -231,6 +239,8 @@ class _Puller:
     def _on_message(self, message: Any) -> None:
         plugin = self.plugin
         self._count(received=1)
+        if self._repeated(message):
+            return
         attributes = dict(message.attributes)
         extra = {
             "subscription": self.path,
@@ -243,50 +253,98 @@ class _Puller:
             item = message_item(message.data, attributes.get("content_type"), extra,
                                 plugin.max_message_size, plugin.json_references)  # fmt: skip
         except MessageError as exc:
-            self._dead_letter(message, str(exc))
+            self._settle(message, saved=False, finished=self._dead_letter(message, str(exc)))
             return
         with self.lock:
             self.in_flight += 1
         done = lambda outcome, m=message: self._done(m, outcome)  # noqa: E731
         # put() blocks while stoqd's queue is full; once stoqd stops it would block for
-        # good, so the message goes back instead.
-        while not self.queue.stopping.is_set():
-            try:
-                # The message id as key: a restarted provider's redelivery of a message
-                # its killed predecessor handed over gets that item's outcome, no rescan.
-                self.queue.put(item, timeout=0.5, done=done, key=message.message_id)
-                return
-            except stdlib_queue.Full:
-                pass
-        with self.lock:
-            self.in_flight -= 1
-        message.nack()
-        self._count(nacked=1)
+        # good, so the message goes back instead (as it does if put raises).
+        handed_over = False
+        try:
+            while not self.queue.stopping.is_set():
+                try:
+                    # The message id as key: a restarted provider's redelivery of a message
+                    # its killed predecessor handed over gets that item's outcome, no rescan.
+                    self.queue.put(item, timeout=0.5, done=done, key=message.message_id)
+                    handed_over = True
+                    return
+                except stdlib_queue.Full:
+                    pass
+        finally:
+            if not handed_over:
+                with self.lock:
+                    self.in_flight -= 1
+                message.nack()
+                self._count(nacked=1)
+                self._settle(message, saved=False, finished=False)
 
     def _done(self, message: Any, outcome: Any) -> None:
         """stoqd's completion thread: Pub/Sub's ack and nack are thread-safe."""
+        saved = outcome.status == "saved"
+        finished = saved
         try:
-            if outcome.status == "saved":
+            if saved:
                 message.ack()
                 self._count(acked=1)
             elif outcome.status == "failed":
-                self._failed(message, outcome.error or "scan failed")
+                finished = self._failed(message, outcome.error or "scan failed")
             else:  # not_done: redelivered, to us or another consumer
                 message.nack()
                 self._count(nacked=1)
         finally:
             with self.lock:
                 self.in_flight -= 1
+            self._settle(message, saved, finished)
 
-    def _failed(self, message: Any, reason: str) -> None:
+    def _repeated(self, message: Any) -> bool:
+        """Whether this delivery repeats a message already in stoqd or saved: it is then
+        parked behind the first (settled with it) or acked at once, never scanned twice."""
+        message_id = message.message_id
+        with self.lock:
+            if message_id in self.scanning:
+                self.scanning[message_id].append(message)
+                self.in_flight += 1  # a stop waits for it, as for the first delivery
+                return True
+            if message_id not in self.saved_ids:
+                self.scanning[message_id] = []
+                return False
+        message.ack()
+        self._count(duplicates_skipped=1)
+        return True
+
+    def _settle(self, message: Any, saved: bool, finished: bool) -> None:
+        """The first delivery of ``message`` is done with: settle the repeats parked behind
+        it. ``finished`` (saved, or dead-lettered): they are acked, the message needs
+        nothing more. Otherwise they are nacked, and it comes back as one delivery."""
+        message_id = message.message_id
+        with self.lock:
+            parked = self.scanning.pop(message_id, [])
+            if saved:
+                self.saved_ids[message_id] = None
+                while len(self.saved_ids) > _SAVED_IDS_KEPT:
+                    self.saved_ids.popitem(last=False)
+        for repeat in parked:
+            if finished:
+                repeat.ack()
+                self._count(duplicates_skipped=1)
+            else:
+                repeat.nack()
+                self._count(nacked=1)
+        with self.lock:
+            self.in_flight -= len(parked)
+
+    def _failed(self, message: Any, reason: str) -> bool:
+        """Nack a failed message for another try, or dead-letter it; True once it is
+        acknowledged (dead-lettered)."""
         attempt = message.delivery_attempt or self._attempt(message.message_id)
         if attempt <= self.plugin.max_retries:
             self.log.warning("message %s failed (attempt %d of %d): %s", message.message_id,
                              attempt, self.plugin.max_retries + 1, reason)  # fmt: skip
             message.nack()
             self._count(nacked=1, last_error=reason)
-            return
-        self._dead_letter(message, f"failed {attempt} times: {reason}")
+            return False
+        return self._dead_letter(message, f"failed {attempt} times: {reason}")
 
     def _attempt(self, message_id: str) -> int:
         with self.lock:
@@ -296,14 +354,15 @@ class _Puller:
                 self.attempts.popitem(last=False)
             return count
 
-    def _dead_letter(self, message: Any, reason: str) -> None:
+    def _dead_letter(self, message: Any, reason: str) -> bool:
+        """Publish ``message`` to the dead-letter topic and ack it (True), or nack it."""
         topic = self.plugin.dead_letter_topic
         if not topic:
             self.log.error("message %s cannot be scanned and no dead_letter_topic is set; "
                            "nacked: %s", message.message_id, reason)  # fmt: skip
             message.nack()
             self._count(nacked=1, last_error=reason)
-            return
+            return False
         attributes = {**message.attributes, "stoqd_error": reason[:1000],
                       "stoqd_subscription": self.path,
                       "stoqd_message_id": message.message_id}  # fmt: skip
@@ -316,10 +375,11 @@ class _Puller:
                            message.message_id, topic, exc)  # fmt: skip
             message.nack()
             self._count(nacked=1, last_error=reason)
-            return
+            return False
         message.ack()
         self.log.error("message %s dead-lettered to %s: %s", message.message_id, topic, reason)
         self._count(dead_lettered=1, last_error=reason)
+        return True
 
     # -- status ---------------------------------------------------------------------
 

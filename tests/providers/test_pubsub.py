@@ -228,6 +228,30 @@ def test_flow_control_bounds_outstanding_messages(topic: Topic) -> None:
     assert not thread.is_alive()
 
 
+def test_a_message_redelivered_while_it_is_scanned_is_not_put_twice(topic: Topic) -> None:
+    # The client stops extending a lease after max_lease_duration; the emulator then
+    # delivers the message again, with the same id, while its first delivery is in stoqd.
+    # Pub/Sub delivers at least once; the provider must not turn that into two results.
+    topic.publish(b"scanned for a long time")
+    holding = HoldingQueue()
+    plugin = build(subscription=topic.subscription, max_lease_duration=10, lease_extension=10)
+    thread = threading.Thread(target=plugin.ingest, args=(holding,), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: holding.stats.get("received") == 2, what="the redelivery",
+                   timeout=40)  # fmt: skip
+        [put] = holding.puts
+        put.done(Outcome("saved"))
+        wait_until(lambda: holding.stats.get("duplicates_skipped") == 1 and
+                   holding.stats.get("acked") == 1 and holding.stats.get("in_flight") == 0,
+                   what="the message and its repeat acked", timeout=10)  # fmt: skip
+        assert len(holding.puts) == 1
+    finally:
+        holding.stopping.set()
+        thread.join(30)
+    assert not thread.is_alive()
+
+
 def test_missing_subscription_is_named(mq_pubsub: PubsubEmulator) -> None:
     with pytest.raises(StoqPluginException) as error:
         consume(build(subscription="no-such-sub"))
