@@ -38,7 +38,10 @@ from stoqd.framework.exceptions import StoqPluginException
 from stoqd.framework.plugins import ConnectorPlugin, ProviderPlugin
 
 _ATTEMPTS_KEPT = 100_000  # message ids with a failed delivery, for bounded retries
-_SAVED_IDS_KEPT = 100_000  # message ids saved and acked, to skip Pub/Sub's redeliveries
+# Message ids saved and acked, to skip Pub/Sub's redeliveries of them (an ack lost on the
+# way comes back within an ack deadline): kept two lease extensions, at most this many
+# (about 15 MiB).
+_SAVED_IDS_KEPT = 100_000
 _PUBLISH_TIMEOUT = 60.0
 # The streaming pull retries an unreachable service in silence, so the connection state
 # in the status comes from a cheap call on the same channel every few seconds.
@@ -145,7 +148,7 @@ class _Puller:
         # lost on the way). ``scanning``: ids with a delivery in stoqd, and the repeats
         # parked behind it; ``saved_ids``: ids this process saved and acked.
         self.scanning: Dict[str, List[Any]] = {}
-        self.saved_ids: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.saved_ids: collections.OrderedDict[str, float] = collections.OrderedDict()
         self.in_flight = 0
         self.probing = True
         self.stats: Dict[str, Any] = {
@@ -321,9 +324,7 @@ class _Puller:
         with self.lock:
             parked = self.scanning.pop(message_id, [])
             if saved:
-                self.saved_ids[message_id] = None
-                while len(self.saved_ids) > _SAVED_IDS_KEPT:
-                    self.saved_ids.popitem(last=False)
+                self._remember_saved(message_id)
         for repeat in parked:
             if finished:
                 repeat.ack()
@@ -333,6 +334,16 @@ class _Puller:
                 self._count(nacked=1)
         with self.lock:
             self.in_flight -= len(parked)
+
+    def _remember_saved(self, message_id: str) -> None:
+        """Keep a saved id for two lease extensions, oldest first out (under the lock)."""
+        now = time.monotonic()
+        self.saved_ids[message_id] = now
+        self.saved_ids.move_to_end(message_id)
+        horizon = now - 2 * self.plugin.lease_extension
+        ids = self.saved_ids
+        while len(ids) > _SAVED_IDS_KEPT or next(iter(ids.values())) < horizon:
+            ids.popitem(last=False)
 
     def _failed(self, message: Any, reason: str) -> bool:
         """Nack a failed message for another try, or dead-letter it; True once it is
