@@ -38,10 +38,10 @@ from stoqd.framework.exceptions import StoqPluginException
 from stoqd.framework.plugins import ConnectorPlugin, ProviderPlugin
 
 _ATTEMPTS_KEPT = 100_000  # message ids with a failed delivery, for bounded retries
-# Message ids saved and acked, to skip Pub/Sub's redeliveries of them (an ack lost on the
-# way comes back within an ack deadline): kept two lease extensions, at most this many
-# (about 15 MiB).
-_SAVED_IDS_KEPT = 100_000
+# Message ids saved (or dead-lettered) and acked, to skip Pub/Sub's redeliveries of them
+# (an ack lost on the way comes back within an ack deadline): kept for two ack deadlines,
+# at most this many (15-17 MiB).
+_FINISHED_IDS_KEPT = 100_000
 _PUBLISH_TIMEOUT = 60.0
 # The streaming pull retries an unreachable service in silence, so the connection state
 # in the status comes from a cheap call on the same channel every few seconds.
@@ -146,9 +146,10 @@ class _Puller:
         # Pub/Sub delivers at least once: the same message (same id) can come again while
         # its first delivery is scanned (a lease that lapsed) or after it was saved (an ack
         # lost on the way). ``scanning``: ids with a delivery in stoqd, and the repeats
-        # parked behind it; ``saved_ids``: ids this process saved and acked.
+        # parked behind it; ``finished_ids``: ids this process saved or dead-lettered,
+        # and acked, with when.
         self.scanning: Dict[str, List[Any]] = {}
-        self.saved_ids: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self.finished_ids: collections.OrderedDict[str, float] = collections.OrderedDict()
         self.in_flight = 0
         self.probing = True
         self.stats: Dict[str, Any] = {
@@ -240,10 +241,19 @@ class _Puller:
     # -- messages (on the client's callback threads) ------------------------------------
 
     def _on_message(self, message: Any) -> None:
-        plugin = self.plugin
         self._count(received=1)
         if self._repeated(message):
             return
+        try:
+            self._hand_over(message)
+        except BaseException:
+            # Repeats parked behind a delivery that never reached stoqd must not wait on it.
+            self._settle(message, finished=False)
+            raise
+
+    def _hand_over(self, message: Any) -> None:
+        """Put a first delivery into stoqd's queue, or dead-letter or nack it."""
+        plugin = self.plugin
         attributes = dict(message.attributes)
         extra = {
             "subscription": self.path,
@@ -256,7 +266,7 @@ class _Puller:
             item = message_item(message.data, attributes.get("content_type"), extra,
                                 plugin.max_message_size, plugin.json_references)  # fmt: skip
         except MessageError as exc:
-            self._settle(message, saved=False, finished=self._dead_letter(message, str(exc)))
+            self._settle(message, finished=self._dead_letter(message, str(exc)))
             return
         with self.lock:
             self.in_flight += 1
@@ -280,7 +290,7 @@ class _Puller:
                     self.in_flight -= 1
                 message.nack()
                 self._count(nacked=1)
-                self._settle(message, saved=False, finished=False)
+                self._settle(message, finished=False)
 
     def _done(self, message: Any, outcome: Any) -> None:
         """stoqd's completion thread: Pub/Sub's ack and nack are thread-safe."""
@@ -298,7 +308,7 @@ class _Puller:
         finally:
             with self.lock:
                 self.in_flight -= 1
-            self._settle(message, saved, finished)
+            self._settle(message, finished)
 
     def _repeated(self, message: Any) -> bool:
         """Whether this delivery repeats a message already in stoqd or saved: it is then
@@ -309,40 +319,47 @@ class _Puller:
                 self.scanning[message_id].append(message)
                 self.in_flight += 1  # a stop waits for it, as for the first delivery
                 return True
-            if message_id not in self.saved_ids:
+            if message_id not in self.finished_ids:
                 self.scanning[message_id] = []
                 return False
         message.ack()
         self._count(duplicates_skipped=1)
         return True
 
-    def _settle(self, message: Any, saved: bool, finished: bool) -> None:
+    def _settle(self, message: Any, finished: bool) -> None:
         """The first delivery of ``message`` is done with: settle the repeats parked behind
         it. ``finished`` (saved, or dead-lettered): they are acked, the message needs
-        nothing more. Otherwise they are nacked, and it comes back as one delivery."""
+        nothing more, and its id is remembered. Otherwise they are nacked, and it comes
+        back as one delivery."""
         message_id = message.message_id
         with self.lock:
             parked = self.scanning.pop(message_id, [])
-            if saved:
-                self._remember_saved(message_id)
-        for repeat in parked:
             if finished:
-                repeat.ack()
-                self._count(duplicates_skipped=1)
-            else:
-                repeat.nack()
-                self._count(nacked=1)
-        with self.lock:
-            self.in_flight -= len(parked)
+                self._remember_finished(message_id)
+        try:
+            for repeat in parked:
+                if finished:
+                    repeat.ack()
+                    self._count(duplicates_skipped=1)
+                else:
+                    repeat.nack()
+                    self._count(nacked=1)
+        finally:
+            with self.lock:
+                self.in_flight -= len(parked)
 
-    def _remember_saved(self, message_id: str) -> None:
-        """Keep a saved id for two lease extensions, oldest first out (under the lock)."""
+    def _remember_finished(self, message_id: str) -> None:
+        """Keep a finished id for two ack deadlines, oldest first out (under the lock).
+
+        A lost ack comes back once the deadline of the delivery it was for lapses: at most
+        ``lease_extension`` seconds, or 60 on a subscription with exactly-once delivery.
+        """
         now = time.monotonic()
-        self.saved_ids[message_id] = now
-        self.saved_ids.move_to_end(message_id)
-        horizon = now - 2 * self.plugin.lease_extension
-        ids = self.saved_ids
-        while len(ids) > _SAVED_IDS_KEPT or next(iter(ids.values())) < horizon:
+        ids = self.finished_ids
+        ids[message_id] = now
+        ids.move_to_end(message_id)
+        horizon = now - 2 * max(self.plugin.lease_extension, 60)
+        while len(ids) > _FINISHED_IDS_KEPT or next(iter(ids.values())) < horizon:
             ids.popitem(last=False)
 
     def _failed(self, message: Any, reason: str) -> bool:
