@@ -639,7 +639,7 @@ class Supervisor:
             return  # the provider did not ask to hear how it ended
         # The run that put it may be dead even before a restart bumps the generation.
         channel = handle.channel
-        if handle.generation == item.generation and channel is not None and not channel.closed:
+        if handle.generation == item.generation and channel is not None and channel.reachable:
             self._send_done(handle, item.item_id, status, error, scan_id)
             if status == SAVED and item.key is not None:
                 _remember(handle.saved_keys, item.key, scan_id)
@@ -803,7 +803,7 @@ class Supervisor:
         """
         handle.stop_requested_at = time.monotonic()
         channel = handle.channel
-        if handle.ready_at is not None and channel is not None and not channel.closed:
+        if handle.ready_at is not None and channel is not None and channel.reachable:
             channel.send({"t": "terminate"})
         else:
             handle.signal(signal.SIGTERM)

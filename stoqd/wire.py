@@ -160,6 +160,9 @@ class Channel:
         self._chunk = bytearray(RECEIVE_SIZE)
         self._out = bytearray()
         self.closed = False
+        # The peer closed its end (it died): nothing more can be sent, but what it sent
+        # before may still wait to be read.
+        self.peer_gone = False
         # Whether its owner's selector watches it for writability (the owner keeps it).
         self.write_interest = False
         # Called before the socket closes, so its owner can unregister it from a selector
@@ -179,7 +182,7 @@ class Channel:
 
     def send_raw(self, raw_header: bytes, body: Buffer = b"") -> None:
         """``send`` with a header already encoded (``encode_header``, ``with_members``)."""
-        if not self.closed:
+        if not self.closed and not self.peer_gone:
             out = self._out
             out += _PREFIX.pack(len(raw_header), len(body))
             out += raw_header
@@ -191,10 +194,22 @@ class Channel:
                 sent = self.sock.send(self._out)
             except BlockingIOError:
                 return
+            except (BrokenPipeError, ConnectionResetError):
+                # A worker killed mid-scan may have sent results before it died; closing
+                # now would lose them and rescan what was saved. The socket stays open
+                # for reading; its end-of-file closes it.
+                self.peer_gone = True
+                self._out.clear()
+                return
             except OSError:
                 self.close()
                 return
             del self._out[:sent]
+
+    @property
+    def reachable(self) -> bool:
+        """Whether a frame sent now can still reach the peer."""
+        return not self.closed and not self.peer_gone
 
     @property
     def wants_write(self) -> bool:

@@ -72,6 +72,24 @@ def test_channel_buffers_instead_of_blocking_and_reports_eof() -> None:
     assert channel.closed
 
 
+def test_what_a_dead_peer_sent_is_still_read_after_a_send_to_it_fails() -> None:
+    # A worker sends a result, then dies; the supervisor, not knowing yet, sends it the
+    # next item. The failed send must not drop the result still waiting to be read, or
+    # the item it reports saved would be scanned again.
+    ours, theirs = socket.socketpair()
+    channel, endpoint = Channel(ours), Endpoint(theirs)
+    endpoint.send({"t": "result", "seq": 7})
+    theirs.close()
+    channel.send({"t": "item"}, b"next")
+    channel.flush()
+    assert not channel.closed and not channel.wants_write and not channel.reachable
+    channel.send({"t": "item"}, b"one more")  # dropped: the peer is gone
+    assert not channel.wants_write
+    assert channel.receive() == [({"t": "result", "seq": 7}, b"")]
+    assert channel.receive() is None
+    assert channel.closed
+
+
 def test_a_forwarded_header_gets_members_appended_and_they_win() -> None:
     raw = encode_header({"t": "item", "seq": 99, "meta": {"x": [1]}})
     assert decode_header(with_number(raw, "seq", 5)) == {"t": "item", "seq": 5, "meta": {"x": [1]}}
