@@ -523,11 +523,7 @@ class Supervisor:
     def _dispatch(self, now: float) -> None:
         if not self.queue:
             return
-        idle = [
-            w
-            for w in self.workers.values()
-            if w.ready and not w.retiring and len(w.assigned) < PREFETCH
-        ]
+        idle = [w for w in self.workers.values() if w.ready and self._takes_more(w)]
         while self.queue and idle:
             worker = min(idle, key=lambda w: len(w.assigned))
             seq = self.queue.popleft()
@@ -537,10 +533,19 @@ class Supervisor:
             if not worker.assigned:
                 worker.current_since = now
             worker.assigned.append(seq)
-            if len(worker.assigned) >= PREFETCH:
+            if not self._takes_more(worker):
                 idle.remove(worker)
             assert worker.channel is not None
             worker.channel.send_raw(item.worker_header(), item.body)
+
+    def _takes_more(self, worker: WorkerHandle) -> bool:
+        """Whether ``worker`` may be handed another item: not retiring, room in its
+        prefetch, and (with ``worker_max_payloads``) items left in its budget, so that it
+        never scans more than that even while another worker's recycling delays its own."""
+        if worker.retiring or len(worker.assigned) >= PREFETCH:
+            return False
+        budget = self.daemon["worker_max_payloads"]
+        return not budget or worker.payloads + len(worker.assigned) < budget
 
     def _enforce_time_limits(self, now: float) -> None:
         limit = self.daemon["scan_timeout"]

@@ -102,6 +102,9 @@ def test_workers_are_recycled_after_max_payloads_and_nothing_is_lost(
     assert sorted(run.outcomes()) == sorted((f"item-{i}", "saved", "-") for i in range(1, 51))
     recycled = [e for e in daemon.events() if e["event"] == "recycling"]
     assert recycled and {e["reason"] for e in recycled} == {"payloads"}
+    # Never past the budget, even for a worker whose turn to be recycled waited while
+    # another one was being replaced.
+    assert {e["payloads"] for e in recycled} == {5}
 
 
 def test_workers_over_max_rss_are_recycled_one_at_a_time_and_nothing_is_lost(
