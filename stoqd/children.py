@@ -134,6 +134,7 @@ class WorkerHandle(Child):
     wid: int = 0
     ready: bool = False
     retiring: bool = False
+    retiring_since: float = 0.0  # monotonic time it was told to exit, when retiring
     config_generation: int = 0
     assigned: Deque[int] = field(default_factory=deque)  # item seqs, head being scanned
     current_since: float = 0.0

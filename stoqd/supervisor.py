@@ -413,7 +413,7 @@ class Supervisor:
             return
         share = max(1, self.max_queue // max(1, len(self.providers)))
         for handle in self.providers.values():
-            if handle.channel is None or handle.channel.closed:
+            if handle.channel is None or not handle.channel.reachable:
                 continue
             if handle.state not in (State.STARTING, State.RUNNING):
                 continue
@@ -539,13 +539,21 @@ class Supervisor:
             worker.channel.send_raw(item.worker_header(), item.body)
 
     def _takes_more(self, worker: WorkerHandle) -> bool:
-        """Whether ``worker`` may be handed another item: not retiring, room in its
-        prefetch, and (with ``worker_max_payloads``) items left in its budget, so that it
-        never scans more than that even while another worker's recycling delays its own."""
-        if worker.retiring or len(worker.assigned) >= PREFETCH:
+        """Whether ``worker`` may be handed another item: alive and reachable, not
+        retiring, room in its prefetch, and (with ``worker_max_payloads``) items left in
+        its budget, so that it never scans more than that even while another worker's
+        recycling delays its own. While stopping no replacement comes: no budget then."""
+        channel = worker.channel
+        if worker.retiring or worker.killed_for is not None or len(worker.assigned) >= PREFETCH:
+            return False
+        if channel is None or not channel.reachable:
             return False
         budget = self.daemon["worker_max_payloads"]
-        return not budget or worker.payloads + len(worker.assigned) < budget
+        return (
+            not budget
+            or self.stopping_since is not None
+            or worker.payloads + len(worker.assigned) < budget
+        )
 
     def _enforce_time_limits(self, now: float) -> None:
         limit = self.daemon["scan_timeout"]
@@ -555,6 +563,14 @@ class Supervisor:
                     worker.killed_for = "timeout"
                     self.counters["worker_kills"] += 1
                     log.error("timeout", worker=worker.wid, child_pid=worker.pid, limit=limit)
+                    worker.kill()
+            # A recycled worker holding nothing that does not leave (a plugin's thread
+            # keeps it alive) would block every later recycling, and with a payload
+            # budget the pool with it. (While stopping, the grace period below applies.)
+            elif worker.retiring and not worker.assigned and worker.killed_for is None:
+                lingering = now - worker.retiring_since > self.daemon["graceful_timeout"]
+                if lingering and self.stopping_since is None:
+                    worker.killed_for = "graceful_timeout"
                     worker.kill()
         for handle in self._all_providers():  # SIGTERMed (stop, reload, shutdown): SIGKILL
             asked = handle.stop_requested_at
@@ -600,6 +616,7 @@ class Supervisor:
 
     def _retire(self, worker: WorkerHandle, reason: str) -> None:
         worker.retiring = True
+        worker.retiring_since = time.monotonic()
         self.counters["worker_recycles"] += 1
         log.info(
             "recycling", worker=worker.wid, reason=reason, payloads=worker.payloads, rss=worker.rss
@@ -719,6 +736,7 @@ class Supervisor:
         for worker in self.workers.values():
             if worker.channel is not None and not worker.retiring:
                 worker.retiring = True
+                worker.retiring_since = time.monotonic()
                 worker.channel.send({"t": "exit"})
         for handle in self.providers.values():
             if handle.state in (State.STARTING, State.RUNNING):
@@ -919,7 +937,9 @@ class Supervisor:
                 if channel is None or channel.closed:
                     continue
                 channel.flush()
-                if channel.closed:  # the child died; its sentinel brings it to _on_*_exit
+                # Closed by an error, or unwritable because the child died (peer_gone):
+                # its sentinel or end-of-file brings it to _on_*_exit.
+                if channel.closed:
                     continue
                 # Runs every turn for every child: the selector is consulted only when
                 # the channel's need to write differs from what it last registered.

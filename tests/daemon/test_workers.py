@@ -107,6 +107,27 @@ def test_workers_are_recycled_after_max_payloads_and_nothing_is_lost(
     assert {e["payloads"] for e in recycled} == {5}
 
 
+def test_a_recycled_worker_that_does_not_exit_is_killed_and_the_pool_goes_on(
+    make_run: Callable[..., Run],
+) -> None:
+    # Recycling is one worker at a time and a worker never scans past its budget: one
+    # that is told to exit and does not would hold up every later recycling, and then
+    # every item. After graceful_timeout it is SIGKILLed.
+    run = make_run({
+        "core": {"providers": "source", "always_dispatch": "lingering"},
+        "stoqd": {"workers": 1, "worker_max_payloads": 2, "graceful_timeout": 1},
+        "source": {"count": 6, "hold_file": "{dir}/release", "outcomes": "{dir}/outcomes"},
+    })  # fmt: skip
+    daemon = run.start()
+    wait_until(lambda: len(run.outcomes()) == 6, what="6 outcomes", detail=daemon.log)
+    assert sorted(run.outcomes()) == sorted((f"item-{i}", "saved", "-") for i in range(1, 7))
+    Path(run.path("release")).touch()
+    assert daemon.wait_exit() == 0, daemon.log()
+    killed = [e for e in daemon.events() if e["event"] == "exited" and e.get("worker")
+              and e.get("exit") == "killed by SIGKILL"]  # fmt: skip
+    assert len(killed) >= 2  # the two recycled ones; the last may be killed at shutdown
+
+
 def test_workers_over_max_rss_are_recycled_one_at_a_time_and_nothing_is_lost(
     make_run: Callable[..., Run],
 ) -> None:
