@@ -931,7 +931,9 @@ class Supervisor:
         channel.close()
 
     def _update_write_interest(self) -> None:
-        for children in (self.providers.values(), self.workers.values()):
+        # Providers removed by a reload (``retired``) too: their ``terminate`` frame waits
+        # here, and without it they would be SIGKILLed after graceful_timeout instead.
+        for children in (self._all_providers(), self.workers.values()):
             for child in children:
                 channel = child.channel
                 if channel is None or channel.closed:

@@ -230,8 +230,9 @@ def test_a_provider_removed_by_sighup_is_logged_as_stopped(make_run: Callable[..
         "source": {"count": 1, "hold_file": "{dir}/release"},
     })  # fmt: skip
     _remove_hang_by_sighup(run)
-    hang_events = [e["event"] for e in run.daemon.events() if e.get("provider") == "hang"]
-    assert hang_events == ["spawned", "running", "stopped"]
+    hang_events = [e for e in run.daemon.events() if e.get("provider") == "hang"]
+    assert [e["event"] for e in hang_events] == ["spawned", "running", "stopped"]
+    assert hang_events[-1]["exit"] == "exit 0"  # stopped by its SIGTERM, not SIGKILLed
 
 
 def test_stoqctl_reload_restarts_a_provider_whose_options_changed(
