@@ -133,8 +133,7 @@ class ProviderHandle(Child):
 class WorkerHandle(Child):
     wid: int = 0
     ready: bool = False
-    retiring: bool = False
-    retiring_since: float = 0.0  # monotonic time it was told to exit, when retiring
+    retiring_since: Optional[float] = None  # monotonic time it was told to exit
     config_generation: int = 0
     assigned: Deque[int] = field(default_factory=deque)  # item seqs, head being scanned
     current_since: float = 0.0
@@ -144,6 +143,14 @@ class WorkerHandle(Child):
 
     def __post_init__(self) -> None:
         Child.__init__(self)
+
+    @property
+    def retiring(self) -> bool:
+        """Told to exit once it has finished what it holds (recycled, or stopping)."""
+        return self.retiring_since is not None
+
+    def retire(self) -> None:
+        self.retiring_since = time.monotonic()
 
 
 def describe_exit(code: Optional[int]) -> str:

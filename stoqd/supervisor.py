@@ -567,9 +567,9 @@ class Supervisor:
             # A recycled worker holding nothing that does not leave (a plugin's thread
             # keeps it alive) would block every later recycling, and with a payload
             # budget the pool with it. (While stopping, the grace period below applies.)
-            elif worker.retiring and not worker.assigned and worker.killed_for is None:
+            elif worker.retiring_since is not None and not worker.assigned:
                 lingering = now - worker.retiring_since > self.daemon["graceful_timeout"]
-                if lingering and self.stopping_since is None:
+                if lingering and worker.killed_for is None and self.stopping_since is None:
                     worker.killed_for = "graceful_timeout"
                     worker.kill()
         for handle in self._all_providers():  # SIGTERMed (stop, reload, shutdown): SIGKILL
@@ -615,8 +615,7 @@ class Supervisor:
                 return
 
     def _retire(self, worker: WorkerHandle, reason: str) -> None:
-        worker.retiring = True
-        worker.retiring_since = time.monotonic()
+        worker.retire()
         self.counters["worker_recycles"] += 1
         log.info(
             "recycling", worker=worker.wid, reason=reason, payloads=worker.payloads, rss=worker.rss
@@ -735,8 +734,7 @@ class Supervisor:
         """Nothing in flight: ask workers to exit and providers to stop."""
         for worker in self.workers.values():
             if worker.channel is not None and not worker.retiring:
-                worker.retiring = True
-                worker.retiring_since = time.monotonic()
+                worker.retire()
                 worker.channel.send({"t": "exit"})
         for handle in self.providers.values():
             if handle.state in (State.STARTING, State.RUNNING):
