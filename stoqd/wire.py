@@ -12,7 +12,9 @@ blocks (``Endpoint``).
 
 Every payload crosses this module two or three times, so it avoids work per frame:
 each end receives into one reused buffer (a fresh ``recv(n)`` allocates ``n`` bytes
-every call), and JSON goes through one prebuilt encoder and decoder.
+every call), headers are encoded by orjson (the json module only for what orjson
+refuses), and decoded by one prebuilt decoder. Decoding stays with the json module: orjson
+would turn an integer beyond 64 bits into a float, and a header must arrive as it left.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import socket
 import struct
 import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import orjson
 
 _PREFIX = struct.Struct("!II")
 MAX_HEADER = 16 << 20
@@ -48,7 +52,10 @@ class ProtocolError(Exception):
 
 def encode_header(header: Dict[str, Any]) -> bytes:
     """A header as it travels: compact JSON."""
-    return _encoder.encode(header).encode()
+    try:
+        return orjson.dumps(header, option=orjson.OPT_NON_STR_KEYS)
+    except orjson.JSONEncodeError:  # a big integer, a lone surrogate; or not JSON at all
+        return _encoder.encode(header).encode()
 
 
 def frame(raw_header: bytes, body: Buffer = b"") -> bytes:

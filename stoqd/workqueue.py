@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Union
 
 from .framework.data import Payload, PayloadMeta, RequestMeta
-from .framework.helpers import dumps
+from .framework.helpers import compact_json
 from .wire import Endpoint, with_members
 
 SAVED = "saved"
@@ -61,7 +61,7 @@ def _meta_dict(meta: PayloadMeta) -> Dict[str, Any]:
 def _encode(header: Dict[str, Any]) -> bytes:
     # stoqd's JSON encoder makes odd extra_data (bytes, sets, objects) JSON here, where
     # the provider sees any error, not in the supervisor; one pass, nothing decoded.
-    return dumps(header, compactly=True).encode()
+    return compact_json(header)
 
 
 class ProviderQueue:

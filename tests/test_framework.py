@@ -3,8 +3,12 @@ archivers, decorators, connectors, references. Real plugins loaded from real dir
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import enum
 import gc
 import json
+import uuid
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -21,6 +25,7 @@ from stoq import (
     WorkerResponse,
 )
 from stoq.helpers import dumps, get_sha1
+from stoqd.framework.helpers import _to_jsonable, compact_json
 from stoqd.framework.loader import PluginRegistry
 
 V2_PLUGINS = Path(__file__).resolve().parent / "fixtures" / "stoq_v2_plugins"
@@ -209,6 +214,37 @@ def test_data_class_defaults() -> None:
 def test_dumps_turns_plugin_values_into_json() -> None:
     text = dumps({"b": b"\x00ok\xff", "s": {1}, "t": (1, 2)}, compactly=True)
     assert text == '{"b":"\\u0000ok\\\\xff","s":[1],"t":[1,2]}'
+
+
+class _Colour(enum.Enum):
+    RED = "red"
+
+
+@dataclasses.dataclass
+class _Finding:
+    rule: str
+    _private: int = 0
+
+
+def test_compact_json_writes_plugin_values_as_the_json_module_does() -> None:
+    when = datetime.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=datetime.UTC)
+    value = {
+        "when": when, "day": when.date(), "colour": _Colour.RED, "finding": _Finding("r1"),
+        "id": uuid.UUID(int=1), 7: "int key", "float": 0.1, "text": "é",
+    }  # fmt: skip
+    line = compact_json(value, newline=True)
+    assert line == (
+        '{"when":"2026-01-02T03:04:05.000006+00:00","day":"2026-01-02","colour":"red",'
+        '"finding":{"rule":"r1"},"id":"00000000-0000-0000-0000-000000000001",'
+        '"7":"int key","float":0.1,"text":"é"}\n'
+    ).encode()
+    assert json.loads(line) == json.loads(json.dumps(value, default=_to_jsonable))
+
+
+def test_compact_json_falls_back_to_the_json_module_for_what_orjson_refuses() -> None:
+    assert compact_json({"big": 2**70}) == b'{"big":1180591620717411303424}'
+    assert compact_json(["\udc80"], newline=True) == b'["\\udc80"]\n'
+    assert compact_json([float("nan")]) == b"[null]"  # the json module would write NaN
 
 
 def test_request_meta_is_in_the_response(make) -> None:

@@ -18,14 +18,14 @@ from typing import Any, Dict, Optional
 
 from stoqd.framework.data import StoqResponse
 from stoqd.framework.exceptions import StoqPluginException
-from stoqd.framework.helpers import dumps
+from stoqd.framework.helpers import compact_json
 from stoqd.framework.plugins import ConnectorPlugin
 
 _OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
 
 class JsonlConnector(ConnectorPlugin):
-    """Appends ``helpers.dumps(response, compactly=True)`` plus a newline per result."""
+    """Appends ``helpers.compact_json(response)`` plus a newline per result."""
 
     def __init__(self, config: ConfigParser, plugin_opts: Optional[Dict[str, Any]] = None) -> None:
         super().__init__(config, plugin_opts)
@@ -49,7 +49,7 @@ class JsonlConnector(ConnectorPlugin):
             ) from None
 
     def save(self, response: StoqResponse) -> None:
-        line = (dumps(response, compactly=True) + "\n").encode("utf-8")
+        line = compact_json(response, newline=True)
         # Opened per result rather than once, so a rotated (renamed) file is followed
         # and no descriptor is shared across a fork.
         fd = os.open(self.output_file, _OPEN_FLAGS, 0o644)

@@ -104,3 +104,12 @@ def test_feed_frames_gives_each_header_as_it_arrived() -> None:
 def test_a_header_with_bytes_after_its_object_is_refused() -> None:
     with pytest.raises(ProtocolError, match="bad frame header"):
         Decoder().feed(struct.pack("!II", 4, 0) + b"{}{}")
+
+
+def test_a_header_arrives_exactly_as_it_left_even_where_orjson_cannot_encode_it() -> None:
+    # orjson encodes headers, but not an integer beyond 64 bits: the json module does,
+    # and decoding (the json module's) keeps it an integer.
+    header = {"t": "item", "meta": {"extra_data": {"big": 2**70, "small": -1, "é": "ü"}}}
+    assert decode_header(encode_header(header)) == header
+    with pytest.raises(TypeError):
+        encode_header({"t": "item", "body": b"bytes are not JSON"})
