@@ -233,11 +233,12 @@ def test_compact_json_writes_plugin_values_as_the_json_module_does() -> None:
         "id": uuid.UUID(int=1), 7: "int key", "float": 0.1, "text": "é",
     }  # fmt: skip
     line = compact_json(value, newline=True)
-    assert line == (
+    expected = (
         '{"when":"2026-01-02T03:04:05.000006+00:00","day":"2026-01-02","colour":"red",'
         '"finding":{"rule":"r1"},"id":"00000000-0000-0000-0000-000000000001",'
         '"7":"int key","float":0.1,"text":"é"}\n'
-    ).encode()
+    )
+    assert line == expected.encode()
     assert json.loads(line) == json.loads(json.dumps(value, default=_to_jsonable))
 
 
