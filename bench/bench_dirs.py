@@ -531,13 +531,14 @@ def bench_ceiling(count: int, size: int) -> Dict[str, float]:
 
     from stoqd.builtin.hash import DEFAULT_ALGORITHMS, digests
     from stoqd.builtin.mimetype import DEFAULT_MAX_BYTES
+    from stoqd.framework.helpers import compact_json
 
     base = workspace("ceiling")
     try:
         paths = staged_files(base / "src", count, size)
         mime = magic.Magic(mime=True)
         cores = len(os.sched_getaffinity(0))
-        with open(base / "results.jsonl", "w") as out:
+        with open(base / "results.jsonl", "wb") as out:
             started = time.process_time()
             for path in paths:
                 content = path.read_bytes()
@@ -545,7 +546,7 @@ def bench_ceiling(count: int, size: int) -> Dict[str, float]:
                     "hash": digests(content, DEFAULT_ALGORITHMS),
                     "mimetype": mime.from_buffer(content[:DEFAULT_MAX_BYTES]),
                 }
-                out.write(json.dumps(result) + "\n")
+                out.write(compact_json(result, newline=True))  # as the jsonl connector
             cpu = time.process_time() - started
         per_file = cpu / count
         return {

@@ -21,6 +21,13 @@ workers, the broker (RabbitMQ's Erlang VM) and, for the bare client, this script
 With ``--repeat N`` each source runs N times and the run with the median stoqd rate is
 shown.
 
+For rabbitmq a *ceiling* follows: the CPU per message that no consumer of this shape can go
+below on this machine, and the rate all its cores would reach at that cost doing nothing
+else. It adds three measured parts: the broker (in stoqd's run, which acks several
+messages at once), the bare pika client (receive and ack) and stoqd's own scan and save of
+a message (``hash`` -> ``jsonl`` through the same framework objects, in this one process,
+with nothing passed between processes).
+
 Run: ``.venv/bin/python bench/bench_queues.py [--messages N] [--size S] [--only NAME]
 [--repeat N] [--prefetch N]`` (stoqd's ``max_queue`` is twice the prefetch, at least 100).
 """
@@ -62,6 +69,7 @@ class Measured:
     stoqd: float
     bare_cpu: CpuRoles = field(default_factory=dict)
     stoqd_cpu: CpuRoles = field(default_factory=dict)
+    scan_cpu: Optional[float] = None  # scan and save of one message in one process, CPU µs
 
 
 def cpu_seconds(pid: int) -> Optional[float]:
@@ -233,7 +241,7 @@ def bench_rabbitmq(count: int, size: int) -> Measured:
         options = {"host": "127.0.0.1", "port": node.port, "queue": "stoqd",
                    "prefetch": PREFETCH}  # fmt: skip
         stoqd, stoqd_cpu = run_daemon("rabbitmq", options, count, "acked", others=broker)
-        return Measured(bare, stoqd, bare_cpu, stoqd_cpu)
+        return Measured(bare, stoqd, bare_cpu, stoqd_cpu, scan_and_save_cpu(count, size))
     finally:
         node.close()
         shutil.rmtree(base, ignore_errors=True)
@@ -344,6 +352,48 @@ BENCHES: Dict[str, Callable[[int, int], Measured]] = {
 }
 
 
+def scan_and_save_cpu(count: int, size: int) -> float:
+    """CPU µs per message of what a worker does with it, in this process alone: the same
+    framework objects and plugins as ``run_daemon`` (``hash`` sha256 -> ``jsonl`` on
+    tmpfs), a Payload with a provider's metadata, and nothing sent between processes."""
+    from stoqd.framework.core import Stoq
+    from stoqd.framework.data import Payload, PayloadMeta, RequestMeta
+
+    root = Path(tempfile.mkdtemp(prefix="stoqd-bq-scan-", dir=RAM))
+    try:
+        stoq = Stoq(
+            plugin_opts={"jsonl": {"output_file": str(root / "results.jsonl")},
+                         "hash": {"algorithms": "sha256"}},
+            always_dispatch=["hash"], connectors=["jsonl"],
+        )  # fmt: skip
+        stoq.load_scan_plugins()
+        body = os.urandom(size)
+        started = time.process_time()
+        for number in range(count):
+            extra = {"queue": "stoqd", "routing_key": "stoqd", "message_id": str(number)}
+            payload = Payload(body, PayloadMeta(extra_data=extra))
+            failures = stoq.save(stoq.scan_unsaved(payload, RequestMeta(source="bench")))
+            if failures:
+                raise RuntimeError(f"scan and save failed: {failures}")
+        return (time.process_time() - started) * 1e6 / count
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def ceiling_line(name: str, run: Measured) -> Optional[str]:
+    """The cost no consumer of this shape goes below, and its rate on every core."""
+    broker = run.stoqd_cpu.get("broker")
+    client = run.bare_cpu.get("bench (bare client)")
+    if run.scan_cpu is None or broker is None or client is None:
+        return None
+    total = broker + client + run.scan_cpu
+    cores = len(os.sched_getaffinity(0))
+    return (f"  {name} ceiling: broker {broker:.0f} (stoqd's run) + pika client {client:.0f} "
+            f"(bare run) + scan and save {run.scan_cpu:.0f} (one process) = {total:.0f} CPU "
+            f"µs per message: {cores * 1e6 / total:,.0f} msg/s on {cores} cores, with "
+            f"nothing between processes")  # fmt: skip
+
+
 def load_average() -> str:
     return ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -365,6 +415,9 @@ def cpu_lines(name: str, run: Measured) -> Iterable[str]:
         yield f"  {name} bare:  {format_cpu(run.bare_cpu)}"
     if run.stoqd_cpu:
         yield f"  {name} stoqd: {format_cpu(run.stoqd_cpu)}"
+    ceiling = ceiling_line(name, run)
+    if ceiling:
+        yield ceiling
 
 
 def main(argv: Optional[List[str]] = None) -> int:
