@@ -1,5 +1,6 @@
 """Frames between supervisor and children: split anywhere, refused when malformed."""
 
+import math
 import select
 import socket
 import struct
@@ -107,9 +108,15 @@ def test_a_header_with_bytes_after_its_object_is_refused() -> None:
 
 
 def test_a_header_arrives_exactly_as_it_left_even_where_orjson_cannot_encode_it() -> None:
-    # orjson encodes headers, but not an integer beyond 64 bits: the json module does,
-    # and decoding (the json module's) keeps it an integer.
-    header = {"t": "item", "meta": {"extra_data": {"big": 2**70, "small": -1, "é": "ü"}}}
+    # orjson encodes and decodes headers, but an integer beyond 64 bits is encoded by the
+    # json module (with NaN as NaN) and decoded by it too, so it stays an integer.
+    header = {"t": "item", "meta": {"extra_data": {"big": 2**70 + 1, "small": -1, "é": "ü"}}}
     assert decode_header(encode_header(header)) == header
+    odd = decode_header(encode_header({"big": -(2**64), "nan": float("nan")}))
+    assert odd["big"] == -(2**64) and math.isnan(odd["nan"])
+    assert decode_header(b'{"id":18446744073709551615,"n":1e400}') == {
+        "id": 2**64 - 1,
+        "n": float("inf"),
+    }
     with pytest.raises(TypeError):
         encode_header({"t": "item", "body": b"bytes are not JSON"})
