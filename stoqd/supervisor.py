@@ -11,6 +11,7 @@ The supervisor never blocks on a child: child sockets are non-blocking with buff
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import selectors
@@ -89,7 +90,7 @@ class Supervisor:
             "quarantined": 0,
             "worker_deaths": 0,
         }
-        self.scan_seconds: Dict[str, Dict[str, Any]] = {}
+        self.scan_seconds: Dict[str, Dict[str, Any]] = {}  # see _record_timings
         self.last_rss_check = 0.0
         self.hooks: List[Any] = []  # objects with on_ready/on_tick/on_stopping/on_reload
         self.ready_sent = False
@@ -625,21 +626,31 @@ class Supervisor:
         worker.channel.send({"t": "exit"})  # after the items it already holds
 
     def _record_timings(self, timings: Dict[str, float]) -> None:
+        # One count per scan, in the bucket it falls in (the last slot: above every
+        # bound); ``scan_histograms`` makes them cumulative when somebody asks.
         for plugin, seconds in timings.items():
             histogram = self.scan_seconds.get(plugin)
             if histogram is None:
                 histogram = self.scan_seconds[plugin] = {
-                    "buckets": list(HISTOGRAM_BUCKETS),
-                    "counts": [0] * len(HISTOGRAM_BUCKETS),
+                    "counts": [0] * (len(HISTOGRAM_BUCKETS) + 1),
                     "sum": 0.0,
-                    "count": 0,
                 }
             histogram["sum"] += seconds
-            histogram["count"] += 1
-            counts = histogram["counts"]
-            # Cumulative buckets: every bound from the first one >= seconds counts it.
-            for index in range(bisect_left(HISTOGRAM_BUCKETS, seconds), len(counts)):
-                counts[index] += 1
+            histogram["counts"][bisect_left(HISTOGRAM_BUCKETS, seconds)] += 1
+
+    def scan_histograms(self) -> Dict[str, Dict[str, Any]]:
+        """Scan seconds per plugin as Prometheus counts them: ``counts[i]`` scans took at
+        most ``buckets[i]``, and ``count`` includes those above the last bound."""
+        histograms = {}
+        for plugin, histogram in self.scan_seconds.items():
+            cumulative = list(itertools.accumulate(histogram["counts"]))
+            histograms[plugin] = {
+                "buckets": list(HISTOGRAM_BUCKETS),
+                "counts": cumulative[:-1],
+                "sum": histogram["sum"],
+                "count": cumulative[-1],
+            }
+        return histograms
 
     # -- outcomes ---------------------------------------------------------------------
 

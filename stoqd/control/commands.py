@@ -83,7 +83,7 @@ def status(sup: Supervisor) -> Dict[str, Any]:
             "in_flight": len(sup.items) - len(sup.queue),
         },
         "counters": dict(sup.counters),
-        "scan_seconds": sup.scan_seconds,
+        "scan_seconds": sup.scan_histograms(),
     }
 
 

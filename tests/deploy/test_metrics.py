@@ -198,6 +198,9 @@ def test_live_daemon_is_scraped(short_dir: Path) -> None:
             'stoqd_provider_items_saved_total{provider="heldprov"} 3.0',
             'stoqd_provider_items_failed_total{provider="heldprov"} 0.0',
             'stoqd_scan_duration_seconds_count{plugin="hash"} 3.0',
+            # Cumulative: the three quick scans are counted under every bound.
+            'stoqd_scan_duration_seconds_bucket{le="5.0",plugin="hash"} 3.0',
+            'stoqd_scan_duration_seconds_bucket{le="300.0",plugin="hash"} 3.0',
             'stoqd_workers{state="idle"} 1.0',
             "stoqd_queue_depth 0.0",
         }
