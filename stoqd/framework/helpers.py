@@ -16,22 +16,38 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
 
 
+# What _to_jsonable turns into something other than an object's public attributes.
+_SPECIAL = (
+    bytes,
+    bytearray,
+    memoryview,
+    set,
+    frozenset,
+    tuple,
+    datetime.date,
+    enum.Enum,
+    uuid.UUID,
+)
+
+
 def _to_jsonable(obj: Any) -> Any:
     """Turn what plugins commonly return (objects, bytes, sets, dates) into JSON types."""
+    if not isinstance(obj, _SPECIAL):
+        # The usual case, a result object, first: four of them per result.
+        fields = getattr(obj, "__dict__", None)
+        if fields is None:
+            return repr(obj)
+        return {k: v for k, v in fields.items() if not k.startswith("_")}
     if isinstance(obj, (bytes, bytearray, memoryview)):
         # Results are text for people and SIEMs; undecodable bytes stay visible as escapes.
         return bytes(obj).decode("utf-8", "backslashreplace")
     if isinstance(obj, (set, frozenset, tuple)):
         return list(obj)
-    if isinstance(obj, (datetime.datetime, datetime.date)):
+    if isinstance(obj, datetime.date):  # and datetime.datetime
         return obj.isoformat()
     if isinstance(obj, enum.Enum):
         return obj.value
-    if isinstance(obj, uuid.UUID):
-        return str(obj)  # as orjson writes it natively, rather than its repr
-    if hasattr(obj, "__dict__"):
-        return {k: v for k, v in vars(obj).items() if not k.startswith("_")}
-    return repr(obj)
+    return str(obj)  # a UUID: as orjson writes it natively, rather than its repr
 
 
 def dumps(data: Any, indent: Optional[int] = 4, compactly: bool = False) -> str:
