@@ -43,7 +43,10 @@ Buffer = Union[bytes, bytearray, memoryview]
 _encoder = json.JSONEncoder(separators=(",", ":"))
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_]+")  # a key JSON writes as it is, between quotes
 # 19 digits in a row: maybe an integer beyond 64 bits, which orjson would decode as a float.
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+# Found as 19 ones after turning every digit into a one: a fifth of the time of a regular
+# expression, which would cost more than orjson's decoding.
+_DIGITS_TO_ONES = bytes.maketrans(b"0123456789", b"1" * 10)
+_LONG_NUMBER = b"1" * 19
 _decoder = json.JSONDecoder()
 
 
@@ -123,10 +126,11 @@ def _quick_decode(raw: Buffer) -> Any:
     refuses: not JSON, or the ``NaN`` that the json module writes in the rare headers
     orjson could not encode.
     """
-    if _LONG_DIGITS.search(raw) is not None:
+    data = raw if isinstance(raw, bytes) else bytes(raw)
+    if _LONG_NUMBER in data.translate(_DIGITS_TO_ONES):
         return None
     try:
-        return orjson.loads(raw)
+        return orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
 
