@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Union
+from typing import Any, Callable, ContextManager, Dict, List, NoReturn, Optional, Union
 
 from .framework.data import Payload, PayloadMeta, RequestMeta
 from .framework.helpers import compact_json
@@ -138,6 +138,14 @@ class ProviderQueue:
         }
         self._send(header, b"", block, timeout, done, request_meta, key, redelivered)
 
+    def batched(self) -> ContextManager[None]:
+        """A block whose puts reach stoqd together, at its end: for a provider that
+        receives messages in bursts (one system call and one wake-up of the supervisor
+        per burst, not per message). Only the calling thread's puts are held, at most 16
+        of them, and a put that has to wait for room in the queue first sends what is
+        held, so no item waits in the provider while stoqd could be scanning it."""
+        return self._endpoint.holding()
+
     def report(self, **stats: Any) -> None:
         """Publish provider statistics (JSON values) to ``stoqctl status``."""
         self._endpoint.send_raw(_encode({"t": "stats", "stats": stats}))
@@ -197,13 +205,18 @@ class ProviderQueue:
         if self.stopping.is_set():
             # No new work during shutdown: the item stays with its source. A blocking put
             # waits for the SIGTERM that follows; a bounded one reports the queue full.
+            self._endpoint.release_held()  # what was put before the stop still goes
             while block and timeout is None:
                 time.sleep(3600)  # a plain put() never raises Full; the SIGTERM ends it
             if block:
                 time.sleep(timeout or 0)
             self._refuse(header)
-        if not self._credits.acquire(blocking=block, timeout=timeout):
-            self._refuse(header)
+        if not self._credits.acquire(blocking=False):
+            # Before waiting for room, the puts held back by ``batched`` go to stoqd: they
+            # hold credits, and may be what it would scan while we wait.
+            self._endpoint.release_held()
+            if not self._credits.acquire(blocking=block, timeout=timeout):
+                self._refuse(header)
         with self._id_lock:
             self._next_id += 1
             item_id = self._next_id
@@ -253,6 +266,7 @@ class ProviderQueue:
 
     def wait_idle(self) -> None:
         """Block until every item put has been reported back."""
+        self._endpoint.release_held()
         with self._idle:
             while self._pending > 0:
                 self._idle.wait(1.0)

@@ -509,11 +509,13 @@ class _Consumer:
         )  # fmt: skip
 
     def _put_pending(self) -> None:
-        while self.pending and not self.queue.stopping.is_set():
-            delivery = self.pending[0]
-            if not self._hand_over(delivery):
-                return  # stoqd's queue is full: back to the broker loop, try again soon
-            self.pending.popleft()
+        # Deliveries come in bursts (up to the prefetch): handed over together.
+        with self.queue.batched():
+            while self.pending and not self.queue.stopping.is_set():
+                delivery = self.pending[0]
+                if not self._hand_over(delivery):
+                    return  # stoqd's queue is full: back to the broker loop, try again soon
+                self.pending.popleft()
 
     def _hand_over(self, delivery: Delivery) -> bool:
         message_id = delivery.message_id

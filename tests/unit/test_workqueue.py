@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import select
 import socket
 import threading
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stoqd.wire import Endpoint
+from stoqd.wire import Decoder, Endpoint
 from stoqd.workqueue import ItemError, ProviderQueue, read_file
 
 _PEERS: list[socket.socket] = []  # the supervisor's ends, kept open for the tests' lifetime
@@ -58,3 +59,63 @@ def test_read_file_refuses_a_symbolic_link(tmp_path: Path) -> None:
     message = r"^cannot read .*/link: Too many levels of symbolic links$"
     with pytest.raises(ItemError, match=message):
         read_file(str(tmp_path / "link"), 0)
+
+
+def _queue_and_peer(tmp_path: Path) -> tuple[ProviderQueue, socket.socket]:
+    ours, theirs = socket.socketpair()
+    _PEERS.append(theirs)
+    return ProviderQueue(Endpoint(ours), inline_max_bytes=16, spool_dir=str(tmp_path)), theirs
+
+
+def _frames_waiting(peer: socket.socket, timeout: float = 0.0) -> list:
+    """The frames the supervisor's end can read within ``timeout``, without blocking."""
+    if not select.select([peer], [], [], timeout)[0]:
+        return []
+    peer.setblocking(False)
+    try:
+        return Decoder().feed(peer.recv(1 << 20))
+    finally:
+        peer.setblocking(True)
+
+
+def test_puts_in_a_batch_reach_the_supervisor_together_when_it_ends(tmp_path: Path) -> None:
+    provider_queue, peer = _queue_and_peer(tmp_path)
+    provider_queue.on_message({"t": "credit", "n": 3})
+    with provider_queue.batched():
+        provider_queue.put(b"one")
+        provider_queue.put(b"two")
+        assert _frames_waiting(peer, 0.2) == []  # held back
+    assert [body for _, body in _frames_waiting(peer, 5)] == [b"one", b"two"]
+    provider_queue.put(b"three")  # outside a batch: sent at once
+    assert [body for _, body in _frames_waiting(peer, 5)] == [b"three"]
+
+
+def test_a_batched_put_that_waits_for_room_first_sends_what_is_held(tmp_path: Path) -> None:
+    provider_queue, peer = _queue_and_peer(tmp_path)
+    provider_queue.on_message({"t": "credit", "n": 1})
+    waiting = threading.Event()
+
+    def burst() -> None:
+        with provider_queue.batched():
+            provider_queue.put(b"first")
+            waiting.set()
+            provider_queue.put(b"second", timeout=30)  # no credit left: waits
+
+    putter = threading.Thread(target=burst, daemon=True)
+    putter.start()
+    assert waiting.wait(5)
+    # "first" holds the only credit: stoqd gets it while "second" waits for room.
+    assert [body for _, body in _frames_waiting(peer, 5)] == [b"first"]
+    provider_queue.on_message({"t": "credit", "n": 1})
+    putter.join(timeout=30)
+    assert [body for _, body in _frames_waiting(peer, 5)] == [b"second"]
+
+
+def test_a_batch_holds_at_most_sixteen_puts(tmp_path: Path) -> None:
+    provider_queue, peer = _queue_and_peer(tmp_path)
+    provider_queue.on_message({"t": "credit", "n": 20})
+    with provider_queue.batched():
+        for number in range(17):
+            provider_queue.put(b"%d" % number)
+        assert len(_frames_waiting(peer, 5)) == 16
+    assert [body for _, body in _frames_waiting(peer, 5)] == [b"16"]
