@@ -242,6 +242,15 @@ def test_compact_json_writes_plugin_values_as_the_json_module_does() -> None:
     assert json.loads(line) == json.loads(json.dumps(value, default=_to_jsonable))
 
 
+class _Score(float):  # as numpy.float64 is: orjson hands float subclasses to the default
+    pass
+
+
+def test_compact_json_writes_a_float_subclass_as_a_number() -> None:
+    assert compact_json({"score": _Score(7.25)}) == b'{"score":7.25}'
+    assert json.loads(dumps({"score": _Score(7.25)}, indent=None)) == {"score": 7.25}
+
+
 def test_compact_json_falls_back_to_the_json_module_for_what_orjson_refuses() -> None:
     assert compact_json({"big": 2**70}) == b'{"big":1180591620717411303424}'
     assert compact_json(["\udc80"], newline=True) == b'["\\udc80"]\n'

@@ -27,6 +27,7 @@ _SPECIAL = (
     datetime.date,
     enum.Enum,
     uuid.UUID,
+    float,  # a subclass (numpy.float64): orjson writes only float itself
 )
 
 
@@ -47,6 +48,8 @@ def _to_jsonable(obj: Any) -> Any:
         return obj.isoformat()
     if isinstance(obj, enum.Enum):
         return obj.value
+    if isinstance(obj, float):
+        return float(obj)  # the number, as the json module writes a float subclass
     return str(obj)  # a UUID: as orjson writes it natively, rather than its repr
 
 
