@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from stoqd.framework.data import StoqResponse
-from stoqd.framework.helpers import dumps
+from stoqd.framework.helpers import compact_json
 from stoqd.framework.plugins import ConnectorPlugin
 
 
@@ -20,5 +20,14 @@ class StdoutConnector(ConnectorPlugin):
     def save(self, response: StoqResponse) -> None:
         # Looked up on every call, not bound at load, so a redirected sys.stdout is honoured.
         stream = sys.stdout
-        stream.write(dumps(response, compactly=True) + "\n")
+        line = compact_json(response, newline=True)
+        binary = getattr(stream, "buffer", None)
+        if binary is None:  # a text-only stream (a StringIO): it takes str
+            stream.write(line.decode("utf-8"))
+            stream.flush()
+            return
+        # UTF-8 bytes, as JSON is exchanged, whatever the locale's encoding of the text
+        # layer (non-ASCII is written as it is, not escaped). Its buffered text first.
         stream.flush()
+        binary.write(line)
+        binary.flush()

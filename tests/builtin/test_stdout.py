@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -36,3 +37,15 @@ def test_save_writes_compact_json(load, capsys):
     assert out.endswith("\n") and out.count("\n") == 1
     assert ", " not in out and ": " not in out
     assert json.loads(out)["scan_id"] == response.scan_id
+
+
+def test_non_ascii_is_written_as_utf8_even_where_stdout_is_ascii():
+    script = (
+        "from stoq import RequestMeta, Stoq\n"
+        "Stoq(connectors=['stdout']).scan(b'x', request_meta=RequestMeta(source='café'))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, check=True, timeout=60,
+        env={**os.environ, "PYTHONIOENCODING": "ascii"},
+    )  # fmt: skip
+    assert json.loads(done.stdout.decode("utf-8"))["request_meta"]["source"] == "café"
