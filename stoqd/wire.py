@@ -106,13 +106,14 @@ def _append(raw_header: bytes, members: bytes) -> bytes:
 
 
 def decode_header(raw: Buffer) -> Dict[str, Any]:
-    """A header from its JSON; ProtocolError unless it is exactly one JSON object."""
+    """A header from its JSON; ProtocolError unless it is one JSON object (whitespace
+    around it allowed), nested no deeper than the interpreter's recursion limit."""
     header = _quick_decode(raw)
     if header is None:
         try:
             text = str(raw, "utf-8")
             header, end = _decoder.raw_decode(text)
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        except (ValueError, RecursionError) as exc:  # ValueError: JSON, UTF-8
             raise ProtocolError(f"bad frame header: {exc}") from None
         if end != len(text):
             raise ProtocolError(f"bad frame header: extra data at {end}")
@@ -303,6 +304,7 @@ class Endpoint:
         self._pending: List[Message] = []
         self._send_lock = threading.Lock()
         self._held = threading.local()  # .frames: what this thread holds back (holding)
+        self._broken = False  # a send failed part-way: nothing more is sent (_write)
 
     def send(self, header: Dict[str, Any], body: Buffer = b"") -> None:
         self.send_raw(encode_header(header), body)
@@ -319,14 +321,31 @@ class Endpoint:
         if held:
             self.release_held()  # this thread's frames leave in the order it sent them
         if len(body) > RECEIVE_SIZE:
-            # Large bodies go out as they are, not copied into one frame first.
-            with self._send_lock:
-                self.sock.sendall(prefix + raw_header)
-                self.sock.sendall(body)
-            return
-        data = b"".join((prefix, raw_header, body))
+            self._write(prefix + raw_header, body)  # not copied into one frame first
+        else:
+            self._write(b"".join((prefix, raw_header, body)))
+
+    def _write(self, *parts: Buffer) -> None:
+        """Send ``parts`` whole, under the lock; after a send that failed, nothing more.
+
+        A send cut short, by a dead supervisor or by an exception from a signal handler
+        (the SystemExit that stops a provider) in the middle of ``sendall``, may have
+        written part of a frame. Anything written after it would be read as the rest of
+        that frame, and scanned as a corrupt item. So the socket is shut for writing and
+        later frames are dropped: the supervisor reads the end of this child's stream and
+        closes its end, which ends the child (see ``providerproc._read_supervisor``).
+        """
         with self._send_lock:
-            self.sock.sendall(data)
+            if self._broken:
+                return
+            try:
+                for part in parts:
+                    self.sock.sendall(part)
+            except BaseException:
+                self._broken = True
+                with contextlib.suppress(OSError):
+                    self.sock.shutdown(socket.SHUT_WR)
+                raise
 
     @contextlib.contextmanager
     def holding(self) -> Iterator[None]:
@@ -355,8 +374,7 @@ class Endpoint:
         if held:
             data = b"".join(held)
             held.clear()
-            with self._send_lock:
-                self.sock.sendall(data)
+            self._write(data)
 
     def receive(self) -> Optional[Message]:
         """The next frame; None when the supervisor has gone."""

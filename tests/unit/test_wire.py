@@ -1,7 +1,9 @@
 """Frames between supervisor and children: split anywhere, refused when malformed."""
 
+import contextlib
 import math
 import select
+import signal
 import socket
 import struct
 import threading
@@ -120,3 +122,51 @@ def test_a_header_arrives_exactly_as_it_left_even_where_orjson_cannot_encode_it(
     }
     with pytest.raises(TypeError):
         encode_header({"t": "item", "body": b"bytes are not JSON"})
+
+
+def test_a_header_nested_too_deep_is_refused_not_raised() -> None:
+    with pytest.raises(ProtocolError, match="bad frame header"):
+        decode_header(b"[" * 100_000 + b"]" * 100_000)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_after_a_send_cut_short_nothing_more_is_written() -> None:
+    # A signal's exception in the middle of sendall leaves part of a frame written; a frame
+    # sent after it would be read as the rest of that one. Nothing more goes out, and the
+    # peer reads the end of the stream.
+    ours, theirs = socket.socketpair()
+    endpoint = Endpoint(ours)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise _Interrupted()
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(_Interrupted):
+            endpoint.send_raw(b'{"t":"item"}', b"x" * (8 << 20))  # far beyond the buffers
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    received = bytearray()
+    ended = threading.Event()
+
+    def read_to_the_end() -> None:
+        theirs.settimeout(10)
+        with contextlib.suppress(TimeoutError):
+            while chunk := theirs.recv(1 << 20):
+                received.extend(chunk)
+            ended.set()
+
+    reader = threading.Thread(target=read_to_the_end, daemon=True)
+    reader.start()
+    endpoint.send({"t": "stats"})  # dropped
+    reader.join(timeout=30)
+    assert ended.is_set(), "the stream did not end"
+    assert 0 < len(received) < (8 << 20)
+    assert Decoder().feed(bytes(received)) == []  # the cut frame, and nothing after it
+    theirs.close()
+    ours.close()
