@@ -254,9 +254,13 @@ def test_prefetch_bounds_unacknowledged_messages(mq_rabbitmq: RabbitNode, broker
     time.sleep(0.5)  # room for a fourth, were prefetch not enforced
     assert len(holding.puts) == 3
     assert broker.ready(queue) == 7
-    for put in holding.puts:  # answer them: the next three arrive
+    # Answer them (a copy of the list: under load the next three are put while this loop
+    # runs, and answering those too let all ten through): the next three arrive.
+    for put in holding.puts[:3]:
         put.done(Outcome(SAVED))
-    wait_until(lambda: len(holding.puts) == 6, what="three more messages")
+    wait_until(lambda: len(holding.puts) == 6, what="three more messages",
+               detail=lambda: f"puts {len(holding.puts)}, provider {holding.stats}, "
+                              f"ready {broker.ready(queue)}")  # fmt: skip
     holding.stopping.set()
     for put in holding.puts[3:]:
         put.done(Outcome(SAVED))
