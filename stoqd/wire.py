@@ -303,7 +303,7 @@ class Endpoint:
         self._chunk = bytearray(RECEIVE_SIZE)
         self._pending: List[Message] = []
         self._send_lock = threading.Lock()
-        self._held = threading.local()  # .frames: what this thread holds back (holding)
+        self._held = threading.local()  # .frames: parts of frames this thread holds back
         self._broken = False  # a send failed part-way: nothing more is sent (_write)
 
     def send(self, header: Dict[str, Any], body: Buffer = b"") -> None:
@@ -312,10 +312,12 @@ class Endpoint:
     def send_raw(self, raw_header: bytes, body: Buffer = b"") -> None:
         """``send`` with a header already encoded (``encode_header``, ``with_members``)."""
         prefix = _PREFIX.pack(len(raw_header), len(body))
-        held: Optional[List[bytes]] = getattr(self._held, "frames", None)
+        held: Optional[List[Buffer]] = getattr(self._held, "frames", None)
         if held is not None and len(body) <= RECEIVE_SIZE:
-            held.append(b"".join((prefix, raw_header, body)))
-            if len(held) >= _HELD_FRAMES_MAX:
+            # The parts, not a frame joined from them: release_held joins all at once, so
+            # a body is copied once on its way out, not twice.
+            held += (prefix, raw_header, body)
+            if len(held) >= 3 * _HELD_FRAMES_MAX:
                 self.release_held()
             return
         if held:
@@ -370,7 +372,7 @@ class Endpoint:
 
     def release_held(self) -> None:
         """Send what this thread holds back now, before it waits for the supervisor."""
-        held: Optional[List[bytes]] = getattr(self._held, "frames", None)
+        held: Optional[List[Buffer]] = getattr(self._held, "frames", None)
         if held:
             data = b"".join(held)
             held.clear()
