@@ -7,6 +7,7 @@ signalling; the supervisor loop decides when.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -140,9 +141,36 @@ class WorkerHandle(Child):
     payloads: int = 0
     rss: int = 0
     killed_for: Optional[str] = None  # why the supervisor killed it, if it did
+    # Asked to give back the items waiting behind a slow scan, and not yet answered; and
+    # when it last answered.
+    asked_back: bool = False
+    answered_at: float = 0.0
 
     def __post_init__(self) -> None:
         Child.__init__(self)
+        # The worker reads its items from the channel only between scans, so asking for
+        # items back goes over a socket of its own, which a thread in the worker watches.
+        self.asks: Optional[socket.socket] = None
+
+    def spawn(self, ctx: Any, target: Callable[..., None], *args: Any) -> Channel:
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        self.asks = ours
+        channel = super().spawn(ctx, target, *args, theirs)
+        theirs.close()
+        return channel
+
+    def ask_back(self) -> None:
+        """Ask for the items that wait behind its current one (answered ``given_back``)."""
+        self.asked_back = True
+        if self.asks is not None:
+            with contextlib.suppress(OSError):  # a dead worker gives back everything anyway
+                self.asks.send(b"?")
+
+    def reap(self) -> Optional[int]:
+        if self.asks is not None:
+            self.asks.close()
+        return super().reap()
 
     @property
     def retiring(self) -> bool:

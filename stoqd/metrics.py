@@ -68,6 +68,7 @@ _DAEMON_COUNTERS = {
     "worker_deaths": "Workers that died on their own in the middle of a scan.",
     "timeouts": "Payloads whose scan passed scan_timeout.",
     "quarantined": "Payloads given up on after killing max_attempts workers.",
+    "items_given_back": "Items a worker gave back unscanned, waiting behind a slow scan.",
 }
 _WORKER_STATES = ("starting", "idle", "busy", "retiring")
 _METRIC_NAME = re.compile(r"[a-z][a-z0-9_]*")

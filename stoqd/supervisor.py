@@ -40,6 +40,10 @@ from .workqueue import FAILED, NOT_DONE, SAVED, new_spool_dir
 # Bound when the daemon starts; a reload keeps their running values (and says so).
 RESTART_ONLY = ("control_socket", "control_group", "spool_dir", "metrics_address")
 PREFETCH = 4  # items a worker holds: one scanning, the rest ready, so it never waits on us
+# A scan running this long is slow: its worker gets nothing more, and gives back what waits
+# behind it, for another worker (see _reclaim_behind_slow_scans). Far above the time an
+# item takes to reach a worker, which the prefetch hides, so little is lost by waiting.
+SLOW_SCAN = 0.1
 RSS_CHECK_EVERY = 5.0
 # Keys of a provider's saved items kept for its next run's redeliveries (per provider, for
 # the running and for earlier runs): a bound on memory, far above a broker's prefetch.
@@ -89,6 +93,7 @@ class Supervisor:
             "timeouts": 0,
             "quarantined": 0,
             "worker_deaths": 0,
+            "items_given_back": 0,
         }
         self.scan_seconds: Dict[str, Dict[str, Any]] = {}  # see _record_timings
         self.last_rss_check = 0.0
@@ -162,6 +167,7 @@ class Supervisor:
             self._restart_due(now)
             self._enforce_time_limits(now)
             self._recycle_workers(now)
+            self._reclaim_behind_slow_scans(now)
             self._dispatch(now)
             self._refill_credits()
             self._update_write_interest()
@@ -183,6 +189,11 @@ class Supervisor:
             w.current_since + self.daemon["scan_timeout"]
             for w in self.workers.values()
             if w.assigned
+        ]
+        deadlines += [
+            max(w.current_since, w.answered_at) + SLOW_SCAN
+            for w in self.workers.values()
+            if len(w.assigned) > 1 and not w.asked_back
         ]
         timeout = 1.0
         if deadlines:
@@ -462,11 +473,16 @@ class Supervisor:
             if worker.assigned and worker.assigned[0] == seq:
                 worker.assigned.popleft()
             worker.current_since = time.monotonic()
+            # A new scan: it may be asked again (an answer still on its way does no harm:
+            # it gives back only what the worker had not started).
+            worker.asked_back = False
             worker.payloads += 1
             self._record_timings(header.get("timings") or {})
             item = self.items.pop(seq, None)
             if item is not None:
                 self._finish(item, header["status"], header.get("error"), header.get("scan_id"))
+        elif kind == "given_back":
+            self._take_back(worker, header.get("seqs"))
         elif kind == "boot_failed":
             log.error("fatal", worker=worker.wid, error=header.get("error"))
             self.exit_code = EXIT_BOOT
@@ -496,9 +512,45 @@ class Supervisor:
             while len([w for w in self.workers.values() if not w.retiring]) < self.n_workers:
                 self._spawn_worker()
 
+    def _reclaim_behind_slow_scans(self, now: float) -> None:
+        """Ask each worker whose scan has run past SLOW_SCAN for the items behind it.
+
+        Prefetched items would otherwise wait for as long as that scan runs (up to
+        scan_timeout), unacknowledged by their source while other workers idle; with a
+        broker's small prefetch they can stop its deliveries altogether.
+        """
+        for worker in self.workers.values():
+            if len(worker.assigned) > 1 and not worker.asked_back and worker.killed_for is None:
+                # Again after an answer only as long after it: what was still on its way
+                # to the worker then may have arrived since.
+                if now - max(worker.current_since, worker.answered_at) > SLOW_SCAN:
+                    worker.ask_back()
+
+    def _take_back(self, worker: WorkerHandle, seqs: Any) -> None:
+        """Put the items a worker gave back, unscanned, at the front of the queue."""
+        worker.asked_back = False
+        worker.answered_at = time.monotonic()
+        given = {seq for seq in seqs if isinstance(seq, int)} if isinstance(seqs, list) else set()
+        back = [seq for seq in worker.assigned if seq in given]
+        if back:
+            worker.assigned = deque(seq for seq in worker.assigned if seq not in given)
+            self.counters["items_given_back"] += len(back)
+            self._put_back(back)
+
+    def _put_back(self, seqs: List[int]) -> None:
+        """Queue ``seqs`` again, in their order, ahead of everything waiting."""
+        for seq in reversed(seqs):
+            item = self.items.get(seq)
+            if item is None:
+                continue
+            self.queue.appendleft(seq)
+            if item.provider in self.providers:
+                self.providers[item.provider].queued += 1
+
     def _requeue_from(self, worker: WorkerHandle) -> None:
         """Put a dead worker's items back at the front of the queue, in order."""
-        for position, seq in reversed(list(enumerate(worker.assigned))):
+        back: List[int] = []
+        for position, seq in enumerate(worker.assigned):
             item = self.items.get(seq)
             if item is None:
                 continue
@@ -516,15 +568,14 @@ class Supervisor:
             if self.stopping_since is not None and item.fail is None:
                 self._finish(self.items.pop(seq), NOT_DONE, "daemon stopped", None)
                 continue
-            self.queue.appendleft(seq)
-            if item.provider in self.providers:
-                self.providers[item.provider].queued += 1
+            back.append(seq)
         worker.assigned.clear()
+        self._put_back(back)
 
     def _dispatch(self, now: float) -> None:
         if not self.queue:
             return
-        idle = [w for w in self.workers.values() if w.ready and self._takes_more(w)]
+        idle = [w for w in self.workers.values() if w.ready and self._takes_more(w, now)]
         while self.queue and idle:
             worker = min(idle, key=lambda w: len(w.assigned))
             seq = self.queue.popleft()
@@ -534,18 +585,21 @@ class Supervisor:
             if not worker.assigned:
                 worker.current_since = now
             worker.assigned.append(seq)
-            if not self._takes_more(worker):
+            if not self._takes_more(worker, now):
                 idle.remove(worker)
             assert worker.channel is not None
             worker.channel.send_raw(item.worker_header(), item.body)
 
-    def _takes_more(self, worker: WorkerHandle) -> bool:
+    def _takes_more(self, worker: WorkerHandle, now: float) -> bool:
         """Whether ``worker`` may be handed another item: alive and reachable, not
-        retiring, room in its prefetch, and (with ``worker_max_payloads``) items left in
-        its budget, so that it never scans more than that even while another worker's
-        recycling delays its own. While stopping no replacement comes: no budget then."""
+        retiring, room in its prefetch, no slow scan running or items being given back,
+        and (with ``worker_max_payloads``) items left in its budget, so that it never
+        scans more than that even while another worker's recycling delays its own. While
+        stopping no replacement comes: no budget then."""
         channel = worker.channel
         if worker.retiring or worker.killed_for is not None or len(worker.assigned) >= PREFETCH:
+            return False
+        if worker.assigned and (worker.asked_back or now - worker.current_since > SLOW_SCAN):
             return False
         if channel is None or not channel.reachable:
             return False

@@ -302,6 +302,9 @@ class Endpoint:
         self._decoder = Decoder()
         self._chunk = bytearray(RECEIVE_SIZE)
         self._pending: List[Message] = []
+        # Held by ``receive`` (blocked in recv too) and ``take_waiting``, which another
+        # thread calls: each frame received goes to exactly one of them.
+        self._receive_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._held = threading.local()  # .frames: parts of frames this thread holds back
         self._broken = False  # a send failed part-way: nothing more is sent (_write)
@@ -380,16 +383,47 @@ class Endpoint:
 
     def receive(self) -> Optional[Message]:
         """The next frame; None when the supervisor has gone."""
-        chunk = self._chunk
-        while not self._pending:
-            try:
-                count = self.sock.recv_into(chunk)
-            except OSError as exc:
-                if exc.errno == errno.EINTR:
-                    continue
-                return None
-            if not count:
-                return None
-            with memoryview(chunk) as view:
-                self._pending += self._decoder.feed(view[:count])
-        return self._pending.pop(0)
+        with self._receive_lock:
+            chunk = self._chunk
+            while not self._pending:
+                try:
+                    count = self.sock.recv_into(chunk)
+                except OSError as exc:
+                    if exc.errno == errno.EINTR:
+                        continue
+                    return None
+                if not count:
+                    return None
+                with memoryview(chunk) as view:
+                    self._pending += self._decoder.feed(view[:count])
+            return self._pending.pop(0)
+
+    def take_waiting(self, wanted: Callable[[Dict[str, Any]], bool]) -> List[Message]:
+        """Take the frames that have arrived, unreceived, and whose header is ``wanted``.
+
+        For another thread than the one that calls ``receive``: a worker scanning a slow
+        item gives back the items that wait behind it. Nothing is taken while ``receive``
+        runs, as it then waits for (or is taking) the next frame itself. A frame not yet
+        wholly arrived stays, and so do frames not ``wanted``, in their order.
+        """
+        if not self._receive_lock.acquire(blocking=False):
+            return []
+        try:
+            chunk = self._chunk
+            while True:
+                try:
+                    count = self.sock.recv_into(chunk, 0, socket.MSG_DONTWAIT)
+                except OSError:  # nothing more now, or the supervisor is gone
+                    break
+                if not count:
+                    break  # end of stream: receive finds it again
+                with memoryview(chunk) as view:
+                    self._pending += self._decoder.feed(view[:count])
+            taken: List[Message] = []
+            kept: List[Message] = []
+            for message in self._pending:
+                (taken if wanted(message[0]) else kept).append(message)
+            self._pending = kept
+            return taken
+        finally:
+            self._receive_lock.release()

@@ -1,13 +1,15 @@
 """A scanning worker process: take an item, scan it, save it, say how it ended.
 
 The supervisor decides everything about time limits and retries; a worker only
-scans. Items arrive one frame at a time and results leave in the same order.
+scans. Items arrive one frame at a time and results leave in the same order. Items
+still waiting are given back when the supervisor asks (``_give_back_when_asked``).
 """
 
 from __future__ import annotations
 
 import socket
 import sys
+import threading
 from typing import Any, Dict, List, Optional
 
 from . import childproc, logs
@@ -18,11 +20,18 @@ from .workqueue import FAILED, SAVED, ItemError, load_payload, request_meta_of
 
 
 def worker_main(
-    wid: int, sock: socket.socket, spec: Dict[str, Any], settings: Dict[str, Any]
+    wid: int,
+    sock: socket.socket,
+    spec: Dict[str, Any],
+    settings: Dict[str, Any],
+    asks: socket.socket,
 ) -> None:
     childproc.prepare(f"worker:{wid}", settings)
     log = logs.get()
     endpoint = Endpoint(sock)
+    threading.Thread(
+        target=_give_back_when_asked, args=(asks, endpoint), name="give-back", daemon=True
+    ).start()
     try:
         stoq = Stoq.from_spec(spec)
         stoq.load_scan_plugins()
@@ -42,6 +51,24 @@ def worker_main(
         header, body = message
         reply = _scan_item(stoq, header, body, default_meta, start_dispatch)
         endpoint.send(reply)
+
+
+def _give_back_when_asked(asks: socket.socket, endpoint: Endpoint) -> None:
+    """Answer each request on ``asks`` with the items that arrived and wait unscanned.
+
+    The supervisor sends a worker more than one item, so that it never waits between
+    scans; it asks for them back when the scan ahead of them has run long, and gives
+    them to another worker. This thread does it because the main thread is in that scan.
+    """
+    while True:
+        try:
+            request = asks.recv(64)
+        except OSError:
+            return
+        if not request:
+            return  # the supervisor closed it: this worker is going
+        taken = endpoint.take_waiting(lambda header: header.get("t") == "item")
+        endpoint.send({"t": "given_back", "seqs": [header["seq"] for header, _ in taken]})
 
 
 def _record_failure(stoq: Stoq, request_meta: RequestMeta, reason: str) -> List[str]:

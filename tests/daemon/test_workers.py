@@ -52,6 +52,30 @@ def test_a_payload_over_scan_timeout_is_failed_and_its_worker_replaced(
     assert daemon.wait_exit() == 0, daemon.log()
 
 
+def test_items_waiting_behind_a_slow_scan_are_given_back_and_scanned_by_another_worker(
+    make_run: Callable[..., Run],
+) -> None:
+    # The nine puts reach stoqd at once, so items are queued behind item-1 in its worker
+    # before its scan has even started. item-1 is held until the test releases it; the
+    # others must not wait for it.
+    run = make_run({
+        "core": {"providers": "source", "always_dispatch": "gate"},
+        "gate": {"gate_dir": "{dir}"},
+        "source": {"count": 9, "special": "1", "special_prefix": "HOLD", "batched": "true",
+                   "hold_file": "{dir}/release", "outcomes": "{dir}/outcomes"},
+    })  # fmt: skip
+    daemon = run.start()
+    wait_until(lambda: os.path.exists(run.path("holding")), what="item-1 held",
+               detail=daemon.log)  # fmt: skip
+    wait_until(lambda: len(run.outcomes()) == 8, what="the 8 items behind it", timeout=30,
+               detail=lambda: f"{run.outcomes()}\n{daemon.log()}")  # fmt: skip
+    assert sorted(run.outcomes()) == [(f"item-{i}", "saved", "-") for i in range(2, 10)]
+    assert daemon.status()["counters"]["items_given_back"] >= 1
+    Path(run.path("release")).touch()
+    assert daemon.wait_exit() == 0, daemon.log()
+    assert run.saved_ids() == {f"item-{i}": 1 for i in range(1, 10)}
+
+
 def test_a_payload_that_kills_workers_is_quarantined(make_run: Callable[..., Run]) -> None:
     run = make_run({
         "core": {"providers": "source", "always_dispatch": "hash, killer"},

@@ -7,6 +7,7 @@ import signal
 import socket
 import struct
 import threading
+import time
 
 import pytest
 
@@ -168,5 +169,53 @@ def test_after_a_send_cut_short_nothing_more_is_written() -> None:
     assert ended.is_set(), "the stream did not end"
     assert 0 < len(received) < (8 << 20)
     assert Decoder().feed(bytes(received)) == []  # the cut frame, and nothing after it
+    theirs.close()
+    ours.close()
+
+
+def _is_item(header: object) -> bool:
+    return isinstance(header, dict) and header.get("t") == "item"
+
+
+def test_take_waiting_takes_the_arrived_items_and_leaves_the_rest_in_order() -> None:
+    ours, theirs = socket.socketpair()
+    endpoint = Endpoint(ours)
+    third = encode({"t": "item", "seq": 3}, b"c" * 100)
+    theirs.sendall(
+        encode({"t": "item", "seq": 1}, b"a")
+        + encode({"t": "exit"})
+        + encode({"t": "item", "seq": 2}, b"b")
+        + third[:20]  # a frame not wholly arrived stays
+    )
+    taken = []
+    for _ in range(100):  # the bytes may take a moment to be readable
+        taken += endpoint.take_waiting(_is_item)
+        if len(taken) == 2:
+            break
+        time.sleep(0.01)
+    assert taken == [({"t": "item", "seq": 1}, b"a"), ({"t": "item", "seq": 2}, b"b")]
+    theirs.sendall(third[20:])
+    assert endpoint.receive() == ({"t": "exit"}, b"")
+    assert endpoint.receive() == ({"t": "item", "seq": 3}, b"c" * 100)
+    theirs.close()
+    assert endpoint.take_waiting(_is_item) == []  # the end of the stream is not taken:
+    assert endpoint.receive() is None  # receive still finds it
+    ours.close()
+
+
+def test_take_waiting_takes_nothing_while_receive_waits_for_the_next_frame() -> None:
+    # The worker's main thread waiting in receive is idle: what arrives is its own to scan.
+    ours, theirs = socket.socketpair()
+    endpoint = Endpoint(ours)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(endpoint.receive()), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 10
+    while not endpoint._receive_lock.locked() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert endpoint.take_waiting(_is_item) == []
+    theirs.sendall(encode({"t": "item", "seq": 1}, b"a"))
+    reader.join(timeout=10)
+    assert received == [({"t": "item", "seq": 1}, b"a")]
     theirs.close()
     ours.close()
