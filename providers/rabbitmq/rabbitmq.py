@@ -509,16 +509,15 @@ class _Consumer:
         )  # fmt: skip
 
     def _put_pending(self) -> None:
-        # Not in queue.batched(): a burst reaching the supervisor at once lets it queue
-        # several messages behind a slow scan in one worker, and those, unacknowledged,
-        # fill a small prefetch window and stop the broker's deliveries (seen in
-        # test_a_slow_message_does_not_hold_up_the_ones_behind_it). Dispatch has to stop
-        # queueing behind a slow scan first.
-        while self.pending and not self.queue.stopping.is_set():
-            delivery = self.pending[0]
-            if not self._hand_over(delivery):
-                return  # stoqd's queue is full: back to the broker loop, try again soon
-            self.pending.popleft()
+        # Deliveries come in bursts (up to the prefetch): handed over together. (Those
+        # queued behind a slow scan in a worker are given back to another one, so a burst
+        # cannot fill the prefetch window behind one slow message.)
+        with self.queue.batched():
+            while self.pending and not self.queue.stopping.is_set():
+                delivery = self.pending[0]
+                if not self._hand_over(delivery):
+                    return  # stoqd's queue is full: back to the broker loop, try again soon
+                self.pending.popleft()
 
     def _hand_over(self, delivery: Delivery) -> bool:
         message_id = delivery.message_id
