@@ -66,9 +66,15 @@ class Child:
 
     def spawn(self, ctx: Any, target: Callable[..., None], *args: Any) -> Channel:
         ours, theirs = socket.socketpair()
-        self.process = ctx.Process(target=target, args=(*args[:1], theirs, *args[1:]), daemon=False)
-        self.process.start()
-        theirs.close()
+        try:
+            process = ctx.Process(target=target, args=(*args[:1], theirs, *args[1:]), daemon=False)
+            process.start()
+        except BaseException:  # no process (out of fds, the forkserver gone): no socket
+            ours.close()
+            raise
+        finally:
+            theirs.close()  # the child has its own copy
+        self.process = process
         self.channel = Channel(ours)
         self.started_at = time.monotonic()
         return self.channel
@@ -154,10 +160,15 @@ class WorkerHandle(Child):
 
     def spawn(self, ctx: Any, target: Callable[..., None], *args: Any) -> Channel:
         ours, theirs = socket.socketpair()
+        try:
+            channel = super().spawn(ctx, target, *args, theirs)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()  # the child has its own copy
         ours.setblocking(False)
         self.asks = ours
-        channel = super().spawn(ctx, target, *args, theirs)
-        theirs.close()
         return channel
 
     def ask_back(self) -> None:

@@ -182,23 +182,25 @@ class Supervisor:
                 return
 
     def _timeout(self) -> float:
-        deadlines = []
+        """Seconds until the next deadline the loop acts on, at most one. One pass, as it
+        runs every turn: about once per item when busy."""
+        now = time.monotonic()
+        soonest = now + 1.0
         if self.stopping_since is None:  # nothing restarts while stopping
-            deadlines = [p.next_retry for p in self.providers.values() if p.next_retry]
-        deadlines += [
-            w.current_since + self.daemon["scan_timeout"]
-            for w in self.workers.values()
-            if w.assigned
-        ]
-        deadlines += [
-            max(w.current_since, w.answered_at) + SLOW_SCAN
-            for w in self.workers.values()
-            if len(w.assigned) > 1 and not w.asked_back
-        ]
-        timeout = 1.0
-        if deadlines:
-            timeout = min(timeout, max(0.0, min(deadlines) - time.monotonic()))
-        return timeout
+            for handle in self.providers.values():
+                if handle.next_retry and handle.next_retry < soonest:
+                    soonest = handle.next_retry
+        limit = self.daemon["scan_timeout"]
+        for worker in self.workers.values():
+            if not worker.assigned or worker.killed_for is not None:
+                continue  # a killed worker's deadline has passed: its exit ends the wait
+            if limit and worker.current_since + limit < soonest:
+                soonest = worker.current_since + limit
+            due = self._reclaim_due(worker)
+            # One already due waits for a worker free to take its items (an event).
+            if due is not None and now < due < soonest:
+                soonest = due
+        return max(0.0, soonest - now)
 
     def _all_up(self) -> bool:
         workers_up = all(w.ready for w in self.workers.values())
@@ -513,18 +515,34 @@ class Supervisor:
                 self._spawn_worker()
 
     def _reclaim_behind_slow_scans(self, now: float) -> None:
-        """Ask each worker whose scan has run past SLOW_SCAN for the items behind it.
+        """Ask each worker whose scan has run past SLOW_SCAN for the items behind it, when
+        another worker could take them now.
 
         Prefetched items would otherwise wait for as long as that scan runs (up to
         scan_timeout), unacknowledged by their source while other workers idle; with a
-        broker's small prefetch they can stop its deliveries altogether.
+        broker's small prefetch they can stop its deliveries altogether. Not while
+        stopping: items behind a scan then finish with it, or are reported not done.
         """
+        if self.stopping_since is not None:
+            return
         for worker in self.workers.values():
-            if len(worker.assigned) > 1 and not worker.asked_back and worker.killed_for is None:
-                # Again after an answer only as long after it: what was still on its way
-                # to the worker then may have arrived since.
-                if now - max(worker.current_since, worker.answered_at) > SLOW_SCAN:
-                    worker.ask_back()
+            due = self._reclaim_due(worker)
+            if due is not None and now >= due and self._another_takes_more(worker, now):
+                worker.ask_back()
+
+    def _reclaim_due(self, worker: WorkerHandle) -> Optional[float]:
+        """When to ask ``worker`` for the items behind its scan; None: not to."""
+        if len(worker.assigned) < 2 or worker.asked_back or worker.killed_for is not None:
+            return None
+        # After an answer, again only as long after it: what was still on its way to the
+        # worker then may have arrived since.
+        return max(worker.current_since, worker.answered_at) + SLOW_SCAN
+
+    def _another_takes_more(self, worker: WorkerHandle, now: float) -> bool:
+        return any(
+            other is not worker and other.ready and self._takes_more(other, now)
+            for other in self.workers.values()
+        )
 
     def _take_back(self, worker: WorkerHandle, seqs: Any) -> None:
         """Put the items a worker gave back, unscanned, at the front of the queue."""

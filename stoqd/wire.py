@@ -398,16 +398,24 @@ class Endpoint:
                     self._pending += self._decoder.feed(view[:count])
             return self._pending.pop(0)
 
-    def take_waiting(self, wanted: Callable[[Dict[str, Any]], bool]) -> List[Message]:
-        """Take the frames that have arrived, unreceived, and whose header is ``wanted``.
+    def take_waiting(
+        self,
+        wanted: Callable[[Dict[str, Any]], bool],
+        answer: Callable[[Endpoint, List[Message]], None],
+    ) -> None:
+        """Take the frames that have arrived, unreceived, whose header is ``wanted``, and
+        call ``answer`` with them (an empty list if none).
 
         For another thread than the one that calls ``receive``: a worker scanning a slow
         item gives back the items that wait behind it. Nothing is taken while ``receive``
         runs, as it then waits for (or is taking) the next frame itself. A frame not yet
-        wholly arrived stays, and so do frames not ``wanted``, in their order.
+        wholly arrived stays, and so do frames not ``wanted``, in their order. ``answer``
+        runs before ``receive`` may go on, so the receiving thread cannot take an ``exit``
+        behind the taken frames and end the process before the answer has gone out.
         """
         if not self._receive_lock.acquire(blocking=False):
-            return []
+            answer(self, [])
+            return
         try:
             chunk = self._chunk
             while True:
@@ -424,6 +432,6 @@ class Endpoint:
             for message in self._pending:
                 (taken if wanted(message[0]) else kept).append(message)
             self._pending = kept
-            return taken
+            answer(self, taken)
         finally:
             self._receive_lock.release()

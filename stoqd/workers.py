@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 from . import childproc, logs
 from .framework.core import Stoq
 from .framework.data import RequestMeta, StoqResponse, new_errors
-from .wire import Endpoint
+from .wire import Endpoint, Message
 from .workqueue import FAILED, SAVED, ItemError, load_payload, request_meta_of
 
 
@@ -67,8 +67,18 @@ def _give_back_when_asked(asks: socket.socket, endpoint: Endpoint) -> None:
             return
         if not request:
             return  # the supervisor closed it: this worker is going
-        taken = endpoint.take_waiting(lambda header: header.get("t") == "item")
-        endpoint.send({"t": "given_back", "seqs": [header["seq"] for header, _ in taken]})
+        try:
+            endpoint.take_waiting(_is_item, _answer)
+        except OSError:
+            return  # the supervisor is gone
+
+
+def _is_item(header: Dict[str, Any]) -> bool:
+    return header.get("t") == "item"
+
+
+def _answer(endpoint: Endpoint, taken: List[Message]) -> None:
+    endpoint.send({"t": "given_back", "seqs": [header["seq"] for header, _ in taken]})
 
 
 def _record_failure(stoq: Stoq, request_meta: RequestMeta, reason: str) -> List[str]:

@@ -177,6 +177,13 @@ def _is_item(header: object) -> bool:
     return isinstance(header, dict) and header.get("t") == "item"
 
 
+def _take_waiting(endpoint: Endpoint) -> list:
+    answers: list = []
+    endpoint.take_waiting(_is_item, lambda _, taken: answers.append(taken))
+    assert len(answers) == 1  # answered once, whatever was there
+    return answers[0]
+
+
 def test_take_waiting_takes_the_arrived_items_and_leaves_the_rest_in_order() -> None:
     ours, theirs = socket.socketpair()
     endpoint = Endpoint(ours)
@@ -189,7 +196,7 @@ def test_take_waiting_takes_the_arrived_items_and_leaves_the_rest_in_order() -> 
     )
     taken = []
     for _ in range(100):  # the bytes may take a moment to be readable
-        taken += endpoint.take_waiting(_is_item)
+        taken += _take_waiting(endpoint)
         if len(taken) == 2:
             break
         time.sleep(0.01)
@@ -198,24 +205,39 @@ def test_take_waiting_takes_the_arrived_items_and_leaves_the_rest_in_order() -> 
     assert endpoint.receive() == ({"t": "exit"}, b"")
     assert endpoint.receive() == ({"t": "item", "seq": 3}, b"c" * 100)
     theirs.close()
-    assert endpoint.take_waiting(_is_item) == []  # the end of the stream is not taken:
+    assert _take_waiting(endpoint) == []  # the end of the stream is not taken:
     assert endpoint.receive() is None  # receive still finds it
     ours.close()
 
 
-def test_take_waiting_takes_nothing_while_receive_waits_for_the_next_frame() -> None:
-    # The worker's main thread waiting in receive is idle: what arrives is its own to scan.
+def test_take_waiting_takes_nothing_while_receive_is_taking_the_next_frame() -> None:
+    # The worker's main thread in receive is between scans: what has arrived is its own.
     ours, theirs = socket.socketpair()
     endpoint = Endpoint(ours)
-    received = []
-    reader = threading.Thread(target=lambda: received.append(endpoint.receive()), daemon=True)
-    reader.start()
-    deadline = time.monotonic() + 10
-    while not endpoint._receive_lock.locked() and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert endpoint.take_waiting(_is_item) == []
     theirs.sendall(encode({"t": "item", "seq": 1}, b"a"))
-    reader.join(timeout=10)
-    assert received == [({"t": "item", "seq": 1}, b"a")]
+    with endpoint._receive_lock:  # as receive holds it
+        assert _take_waiting(endpoint) == []
+    assert endpoint.receive() == ({"t": "item", "seq": 1}, b"a")
+    theirs.close()
+    ours.close()
+
+
+def test_the_answer_goes_out_before_receive_can_go_on() -> None:
+    # Otherwise a worker could receive the exit frame behind the items it gave back, and
+    # end before saying so: the supervisor would count them as lost with a dead worker.
+    ours, theirs = socket.socketpair()
+    endpoint = Endpoint(ours)
+    theirs.sendall(encode({"t": "item", "seq": 1}, b"a") + encode({"t": "exit"}))
+    events: list = []
+    receiver = threading.Thread(target=lambda: events.append(endpoint.receive()))
+
+    def answer(_: Endpoint, taken: list) -> None:
+        receiver.start()
+        receiver.join(timeout=0.3)  # it cannot take the exit frame yet
+        events.append(taken)
+
+    endpoint.take_waiting(_is_item, answer)  # a socketpair's bytes are readable at once
+    receiver.join(timeout=10)
+    assert events == [[({"t": "item", "seq": 1}, b"a")], ({"t": "exit"}, b"")]
     theirs.close()
     ours.close()
