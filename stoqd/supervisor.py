@@ -45,6 +45,10 @@ PREFETCH = 4  # items a worker holds: one scanning, the rest ready, so it never 
 # item takes to reach a worker, which the prefetch hides, so little is lost by waiting.
 SLOW_SCAN = 0.1
 RSS_CHECK_EVERY = 5.0
+# Time limits, restarts, recycling, give-backs and the hooks are checked at most this often
+# (seconds). A busy loop turns about once per item, and checking them every turn was a
+# third of its work; none of them needs to act sooner than this.
+HOUSEKEEPING_EVERY = 0.01
 # Keys of a provider's saved items kept for its next run's redeliveries (per provider, for
 # the running and for earlier runs): a bound on memory, far above a broker's prefetch.
 _SAVED_KEYS_KEPT = 10_000
@@ -99,6 +103,8 @@ class Supervisor:
         self.last_rss_check = 0.0
         self.hooks: List[Any] = []  # objects with on_ready/on_tick/on_stopping/on_reload
         self.ready_sent = False
+        self._housekeeping_at = 0.0  # when _loop's checks of time and hooks run next
+        self._housekeeping_skipped = False
         self._apply_settings()
 
     # -- settings ---------------------------------------------------------------------
@@ -164,15 +170,18 @@ class Supervisor:
                 key.data(mask)
             now = time.monotonic()
             self._handle_signals()
-            self._restart_due(now)
-            self._enforce_time_limits(now)
-            self._recycle_workers(now)
-            self._reclaim_behind_slow_scans(now)
+            self._housekeeping_skipped = now < self._housekeeping_at
+            if not self._housekeeping_skipped:
+                self._housekeeping_at = now + HOUSEKEEPING_EVERY
+                self._restart_due(now)
+                self._enforce_time_limits(now)
+                self._recycle_workers(now)
+                self._reclaim_behind_slow_scans(now)
+                for hook in self.hooks:
+                    hook.on_tick(self)
             self._dispatch(now)
             self._refill_credits()
             self._update_write_interest()
-            for hook in self.hooks:
-                hook.on_tick(self)
             if not self.ready_sent and self._all_up():
                 self.ready_sent = True
                 log.info("ready", workers=len(self.workers), providers=len(self.providers))
@@ -185,6 +194,10 @@ class Supervisor:
         """Seconds until the next deadline the loop acts on, at most one. One pass, as it
         runs every turn: about once per item when busy."""
         now = time.monotonic()
+        if self._housekeeping_skipped:
+            # What this turn left unchecked (a condition an event made true, a deadline
+            # passed meanwhile) is checked at the next housekeeping, and nothing sooner.
+            return max(0.0, self._housekeeping_at - now)
         soonest = now + 1.0
         if self.stopping_since is None:  # nothing restarts while stopping
             for handle in self.providers.values():
@@ -200,7 +213,7 @@ class Supervisor:
             # One already due waits for a worker free to take its items (an event).
             if due is not None and now < due < soonest:
                 soonest = due
-        return max(0.0, soonest - now)
+        return max(0.0, soonest - now, self._housekeeping_at - now)
 
     def _all_up(self) -> bool:
         workers_up = all(w.ready for w in self.workers.values())
@@ -827,12 +840,12 @@ class Supervisor:
 
     def _finished(self, now: float) -> bool:
         if self.stopping_since is None:
+            if self.items:  # first: the one check while busy
+                return False
             if not self.providers or not all(
                 p.state in (State.EXHAUSTED, State.FATAL) and not p.alive()
                 for p in self.providers.values()
             ):
-                return False
-            if self.items:
                 return False
             fatal = [p.name for p in self.providers.values() if p.state is State.FATAL]
             # A provider that could not even load or rejected its options is a
