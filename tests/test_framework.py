@@ -172,6 +172,22 @@ def workers_of(response: Any, index: int = 0) -> List[Dict[str, Any]]:
 # -- data classes and their JSON ------------------------------------------------------
 
 
+def test_scan_and_payload_ids_are_random_version_4_uuids_as_text(make) -> None:
+    response = make(always_dispatch=["fw_echo"]).scan_payload(Payload(b"abc"))
+    ids = [response.scan_id, response.results[0].payload_id, Payload(b"x").payload_id]
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert (str(parsed), parsed.version, parsed.variant) == (text, 4, uuid.RFC_4122)
+    many = {Payload(b"").payload_id for _ in range(10_000)}
+    assert len(many) == 10_000
+    # Every bit but the six fixed ones varies.
+    bits = [uuid.UUID(text).int for text in many]
+    varying = 0
+    for value in bits[1:]:
+        varying |= value ^ bits[0]
+    assert bin(varying).count("1") == 122
+
+
 def test_response_json_has_exactly_stoq_v2_keys(make) -> None:
     response = make(always_dispatch=["fw_echo"]).scan_payload(Payload(b"abc"))
     data = as_json(response)
