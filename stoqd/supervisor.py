@@ -46,8 +46,8 @@ PREFETCH = 4  # items a worker holds: one scanning, the rest ready, so it never 
 SLOW_SCAN = 0.1
 RSS_CHECK_EVERY = 5.0
 # Time limits, restarts, recycling, give-backs and the hooks are checked at most this often
-# (seconds). A busy loop turns about once per item, and checking them every turn was a
-# third of its work; none of them needs to act sooner than this.
+# (seconds). A busy loop turns for every few items, a thousand times a second and more,
+# and these checks were about a tenth of its work (py-spy); none needs to act sooner.
 HOUSEKEEPING_EVERY = 0.01
 # Keys of a provider's saved items kept for its next run's redeliveries (per provider, for
 # the running and for earlier runs): a bound on memory, far above a broker's prefetch.
@@ -192,7 +192,7 @@ class Supervisor:
 
     def _timeout(self) -> float:
         """Seconds until the next deadline the loop acts on, at most one. One pass, as it
-        runs every turn: about once per item when busy."""
+        runs every turn: for every few items when busy."""
         now = time.monotonic()
         if self._housekeeping_skipped:
             # What this turn left unchecked (a condition an event made true, a deadline
