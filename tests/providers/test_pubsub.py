@@ -273,6 +273,34 @@ def test_a_message_redelivered_while_it_is_scanned_is_not_put_twice(
     assert not thread.is_alive()
 
 
+def test_a_message_delivered_again_after_it_was_saved_is_acked_at_once_not_rescanned(
+    topic: Topic,
+) -> None:
+    # Pub/Sub can deliver a message again after it was acked (an ack lost on the way).
+    # Seeking the subscription back to a snapshot taken before the ack does that here:
+    # the same message, with the same id, delivered to the provider that saved it.
+    topic.publish(b"saved once")
+    snapshot = topic.subscriber.snapshot_path(PROJECT, f"snap-{topic.subscription}")
+    topic.subscriber.create_snapshot(name=snapshot, subscription=topic.sub_path)
+    queue = RecordingQueue()  # every put saved at once
+    plugin = build(subscription=topic.subscription)
+    thread = threading.Thread(target=plugin.ingest, args=(queue,), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: queue.stats.get("acked") == 1, what="the first delivery acked",
+                   timeout=20)  # fmt: skip
+        topic.subscriber.seek(request={"subscription": topic.sub_path, "snapshot": snapshot})
+        wait_until(lambda: queue.stats.get("duplicates_skipped") == 1, what="the repeat",
+                   timeout=20, detail=lambda: str(queue.stats))  # fmt: skip
+        assert queue.stats["received"] == 2
+        assert [put.item.content for put in queue.puts] == [b"saved once"]
+    finally:
+        queue.stopping.set()
+        thread.join(30)
+    assert not thread.is_alive()
+    assert topic.pull(1, timeout=6) == []  # the repeat was acked, not left to come back
+
+
 def test_missing_subscription_is_named(mq_pubsub: PubsubEmulator) -> None:
     with pytest.raises(StoqPluginException) as error:
         consume(build(subscription="no-such-sub"))
