@@ -1,7 +1,8 @@
 """What the supervisor loop tells the outside world: systemd's notify protocol, metrics.
 
-Each hook gets ``on_ready``, ``on_tick`` (every loop turn: keep it cheap),
-``on_stopping`` and ``on_reload`` with the supervisor.
+Each hook gets ``on_ready``, ``on_tick`` (at most every 10 ms and at least once a
+second, with the loop's other periodic checks: keep it cheap), ``on_stopping`` and
+``on_reload`` with the supervisor.
 """
 
 from __future__ import annotations

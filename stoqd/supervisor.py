@@ -558,15 +558,24 @@ class Supervisor:
         )
 
     def _take_back(self, worker: WorkerHandle, seqs: Any) -> None:
-        """Put the items a worker gave back, unscanned, at the front of the queue."""
+        """Put the items a worker gave back, unscanned, at the front of the queue; or,
+        when the answer comes after a shutdown began, back to their sources, as
+        ``begin_shutdown`` did with the queue."""
         worker.asked_back = False
         worker.answered_at = time.monotonic()
         given = {seq for seq in seqs if isinstance(seq, int)} if isinstance(seqs, list) else set()
         back = [seq for seq in worker.assigned if seq in given]
-        if back:
-            worker.assigned = deque(seq for seq in worker.assigned if seq not in given)
-            self.counters["items_given_back"] += len(back)
+        if not back:
+            return
+        worker.assigned = deque(seq for seq in worker.assigned if seq not in given)
+        self.counters["items_given_back"] += len(back)
+        if self.stopping_since is None:
             self._put_back(back)
+            return
+        for seq in back:
+            item = self.items.pop(seq, None)
+            if item is not None:
+                self._finish(item, NOT_DONE, "daemon stopped before it was scanned", None)
 
     def _put_back(self, seqs: List[int]) -> None:
         """Queue ``seqs`` again, in their order, ahead of everything waiting."""
