@@ -384,19 +384,24 @@ class Endpoint:
     def receive(self) -> Optional[Message]:
         """The next frame; None when the supervisor has gone."""
         with self._receive_lock:
-            chunk = self._chunk
             while not self._pending:
                 try:
-                    count = self.sock.recv_into(chunk)
+                    if not self._read_some():
+                        return None
                 except OSError as exc:
                     if exc.errno == errno.EINTR:
                         continue
                     return None
-                if not count:
-                    return None
-                with memoryview(chunk) as view:
-                    self._pending += self._decoder.feed(view[:count])
             return self._pending.pop(0)
+
+    def _read_some(self, flags: int = 0) -> int:
+        """One receive into the frames waiting to be taken (under the receive lock): the
+        bytes read, 0 at the end of the stream; OSError as ``recv`` raises it."""
+        count = self.sock.recv_into(self._chunk, 0, flags)
+        if count:
+            with memoryview(self._chunk) as view:
+                self._pending += self._decoder.feed(view[:count])
+        return count
 
     def take_waiting(
         self,
@@ -417,16 +422,12 @@ class Endpoint:
             answer(self, [])
             return
         try:
-            chunk = self._chunk
             while True:
                 try:
-                    count = self.sock.recv_into(chunk, 0, socket.MSG_DONTWAIT)
+                    if not self._read_some(socket.MSG_DONTWAIT):
+                        break  # end of stream: receive finds it again
                 except OSError:  # nothing more now, or the supervisor is gone
                     break
-                if not count:
-                    break  # end of stream: receive finds it again
-                with memoryview(chunk) as view:
-                    self._pending += self._decoder.feed(view[:count])
             taken: List[Message] = []
             kept: List[Message] = []
             for message in self._pending:
