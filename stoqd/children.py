@@ -14,7 +14,7 @@ import socket
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, Optional, Tuple
 
 from .states import State
 from .wire import Channel, encode_header, with_number
@@ -56,6 +56,21 @@ class Item:
         return encode_header(header)
 
 
+@contextlib.contextmanager
+def _pair_for_child() -> Iterator[Tuple[socket.socket, socket.socket]]:
+    """A socketpair (ours, theirs) for a child started in the block. Theirs is closed at
+    the end (the child has its own copy); ours too if no child started (out of fds, the
+    forkserver gone)."""
+    ours, theirs = socket.socketpair()
+    try:
+        yield ours, theirs
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+
+
 class Child:
     """A process with a private socketpair to the supervisor."""
 
@@ -65,15 +80,9 @@ class Child:
         self.started_at = 0.0
 
     def spawn(self, ctx: Any, target: Callable[..., None], *args: Any) -> Channel:
-        ours, theirs = socket.socketpair()
-        try:
+        with _pair_for_child() as (ours, theirs):
             process = ctx.Process(target=target, args=(*args[:1], theirs, *args[1:]), daemon=False)
             process.start()
-        except BaseException:  # no process (out of fds, the forkserver gone): no socket
-            ours.close()
-            raise
-        finally:
-            theirs.close()  # the child has its own copy
         self.process = process
         self.channel = Channel(ours)
         self.started_at = time.monotonic()
@@ -159,14 +168,8 @@ class WorkerHandle(Child):
         self.asks: Optional[socket.socket] = None
 
     def spawn(self, ctx: Any, target: Callable[..., None], *args: Any) -> Channel:
-        ours, theirs = socket.socketpair()
-        try:
+        with _pair_for_child() as (ours, theirs):
             channel = super().spawn(ctx, target, *args, theirs)
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()  # the child has its own copy
         ours.setblocking(False)
         self.asks = ours
         return channel
