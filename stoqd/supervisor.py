@@ -176,10 +176,12 @@ class Supervisor:
                 self._restart_due(now)
                 self._enforce_time_limits(now)
                 self._recycle_workers(now)
-                self._reclaim_behind_slow_scans(now)
                 for hook in self.hooks:
                     hook.on_tick(self)
             self._dispatch(now)
+            if not self._housekeeping_skipped:
+                # After dispatch: a worker still idle now has nothing in the queue to take.
+                self._reclaim_behind_slow_scans(now)
             self._refill_credits()
             self._update_write_interest()
             if not self.ready_sent and self._all_up():
@@ -529,7 +531,7 @@ class Supervisor:
 
     def _reclaim_behind_slow_scans(self, now: float) -> None:
         """Ask each worker whose scan has run past SLOW_SCAN for the items behind it, when
-        another worker could take them now.
+        another worker is idle and could take them now.
 
         Prefetched items would otherwise wait for as long as that scan runs (up to
         scan_timeout), unacknowledged by their source while other workers idle; with a
@@ -540,7 +542,7 @@ class Supervisor:
             return
         for worker in self.workers.values():
             due = self._reclaim_due(worker)
-            if due is not None and now >= due and self._another_takes_more(worker, now):
+            if due is not None and now >= due and self._another_is_idle(worker, now):
                 worker.ask_back()
 
     def _reclaim_due(self, worker: WorkerHandle) -> Optional[float]:
@@ -551,11 +553,14 @@ class Supervisor:
         # worker then may have arrived since.
         return max(worker.current_since, worker.answered_at) + SLOW_SCAN
 
-    def _another_takes_more(self, worker: WorkerHandle, now: float) -> bool:
+    def _another_is_idle(self, worker: WorkerHandle, now: float) -> bool:
+        # Idle, not merely with room: a busy worker's own items would come first, and
+        # scans near SLOW_SCAN would bounce items between busy workers.
         return any(
-            other is not worker and other.ready and self._takes_more(other, now)
+            other is not worker and other.ready and not other.assigned
+            and self._takes_more(other, now)
             for other in self.workers.values()
-        )
+        )  # fmt: skip
 
     def _take_back(self, worker: WorkerHandle, seqs: Any) -> None:
         """Put the items a worker gave back, unscanned, at the front of the queue; or,
@@ -567,7 +572,18 @@ class Supervisor:
         back = [seq for seq in worker.assigned if seq in given]
         if not back:
             return
-        worker.assigned = deque(seq for seq in worker.assigned if seq not in given)
+        resend: List[int] = []
+        if self.stopping_since is None:
+            # Never more waiting than max_queue: what has no room goes back to the worker
+            # (new puts may have taken the room meanwhile), in its order.
+            room = max(0, self.max_queue - len(self.queue))
+            back, resend = back[:room], back[room:]
+        returned = set(back)
+        worker.assigned = deque(seq for seq in worker.assigned if seq not in returned)
+        assert worker.channel is not None
+        for seq in resend:
+            kept = self.items[seq]
+            worker.channel.send_raw(kept.worker_header(), kept.body)
         self.counters["items_given_back"] += len(back)
         if self.stopping_since is None:
             self._put_back(back)
