@@ -25,6 +25,7 @@ from stoq import (
     WorkerResponse,
 )
 from stoq.helpers import dumps, get_sha1
+from stoqd.framework.data import PayloadResults, StoqResponse, new_errors
 from stoqd.framework.helpers import _to_jsonable, compact_json
 from stoqd.framework.loader import PluginRegistry
 
@@ -242,20 +243,52 @@ class _Finding:
     _private: int = 0
 
 
+@dataclasses.dataclass(slots=True)
+class _SlottedFinding:
+    rule: str
+    _private: int = 0
+
+
 def test_compact_json_writes_plugin_values_as_the_json_module_does() -> None:
     when = datetime.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=datetime.UTC)
     value = {
         "when": when, "day": when.date(), "colour": _Colour.RED, "finding": _Finding("r1"),
-        "id": uuid.UUID(int=1), 7: "int key", "float": 0.1, "text": "é",
+        "slotted": _SlottedFinding("r2"), "id": uuid.UUID(int=1), 7: "int key",
+        "float": 0.1, "text": "é",
     }  # fmt: skip
     line = compact_json(value, newline=True)
     expected = (
         '{"when":"2026-01-02T03:04:05.000006+00:00","day":"2026-01-02","colour":"red",'
-        '"finding":{"rule":"r1"},"id":"00000000-0000-0000-0000-000000000001",'
-        '"7":"int key","float":0.1,"text":"é"}\n'
+        '"finding":{"rule":"r1"},"slotted":{"rule":"r2"},'
+        '"id":"00000000-0000-0000-0000-000000000001","7":"int key","float":0.1,"text":"é"}\n'
     )
     assert line == expected.encode()
     assert json.loads(line) == json.loads(json.dumps(value, default=_to_jsonable))
+
+
+def test_a_response_is_written_with_its_public_attributes_in_the_order_they_were_set() -> None:
+    # orjson writes the framework's result classes natively (they are dataclasses for
+    # it): attributes a plugin or decorator added are written, private ones are not.
+    response = StoqResponse(
+        results=[PayloadResults.from_payload(Payload(b"x", payload_id="p1"))],
+        request_meta=RequestMeta(source="unit"),
+        errors=new_errors(),
+        time="2026-11-25T00:00:00+00:00",
+        scan_id="s1",
+    )
+    response.ticket = "T-1"  # type: ignore[attr-defined]
+    response._cache = object()  # type: ignore[attr-defined]
+    response.results[0].payload_meta._seen = True  # type: ignore[attr-defined]
+    line = compact_json(response)
+    assert line == (
+        b'{"time":"2026-11-25T00:00:00+00:00","results":[{"payload_id":"p1","size":1,'
+        b'"payload_meta":{"should_archive":true,"extra_data":{},"dispatch_to":[]},'
+        b'"workers":[{}],"plugins_run":{"workers":[[]],"archivers":[]},'
+        b'"extracted_from":null,"extracted_by":null,"archivers":{}}],'
+        b'"request_meta":{"archive_payloads":true,"source":"unit","extra_data":{}},'
+        b'"errors":{},"decorators":{},"scan_id":"s1","ticket":"T-1"}'
+    )
+    assert json.loads(line) == json.loads(json.dumps(response, default=_to_jsonable))
 
 
 class _Score(float):  # as numpy.float64 is: orjson hands float subclasses to the default

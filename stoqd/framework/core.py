@@ -142,11 +142,12 @@ class Stoq(PluginSource):
     # -- scanning -------------------------------------------------------------------
 
     def policy(self) -> ScanPolicy:
+        core = self.config.values["core"]
         return ScanPolicy(
-            always_dispatch=list(self.core("always_dispatch")),
-            max_recursion=self.core("max_recursion"),
-            max_dispatch_passes=self.core("max_dispatch_passes"),
-            max_payload_size=self.core("max_payload_size"),
+            always_dispatch=list(core["always_dispatch"]),
+            max_recursion=core["max_recursion"],
+            max_dispatch_passes=core["max_dispatch_passes"],
+            max_payload_size=core["max_payload_size"],
         )
 
     def scan_unsaved(
@@ -156,12 +157,15 @@ class Stoq(PluginSource):
         add_start_dispatch: Optional[List[str]] = None,
     ) -> StoqResponse:
         """Scan, archive and decorate ``payload``; connectors are not called."""
+        # Read per scan, not cached: a library user may change ``config`` between scans.
+        # One lookup of the section, as this runs for every item a worker scans.
+        core = self.config.values["core"]
         scan = Scan(
             self,
             self.policy(),
-            dispatchers=list(self.core("dispatchers")),
-            dest_archivers=list(self.core("dest_archivers")),
-            decorators=list(self.core("decorators")),
+            dispatchers=list(core["dispatchers"]),
+            dest_archivers=list(core["dest_archivers"]),
+            decorators=list(core["decorators"]),
             request_meta=request_meta or RequestMeta(),
         )
         response = scan.run(payload, list(add_start_dispatch or []))
@@ -170,7 +174,7 @@ class Stoq(PluginSource):
 
     def save(self, response: StoqResponse) -> List[str]:
         """Save through every connector; returns one line per failure (also logged)."""
-        failures = save(self, list(self.core("connectors")), response)
+        failures = save(self, list(self.config.values["core"]["connectors"]), response)
         for failure in failures:
             log.error(failure)
         return failures
