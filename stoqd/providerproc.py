@@ -35,9 +35,9 @@ def _read_supervisor(endpoint: Endpoint, queue: ProviderQueue) -> None:
             signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGTERM)
             continue
         try:
-            queue.on_message(message[0])
-        except Exception as exc:  # a provider's done callback failed
-            log.error("done_callback_failed", error=childproc.one_line(exc))
+            queue.on_message(message[0])  # a failing done callback is logged there
+        except Exception as exc:  # this reader must outlive anything: it ends the run
+            log.error("supervisor_message_failed", error=childproc.one_line(exc))
 
 
 def _check_options(stoq: Stoq, name: str, plugin: ProviderPlugin) -> None:

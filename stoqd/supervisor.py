@@ -819,9 +819,8 @@ class Supervisor:
     ) -> None:  # fmt: skip
         channel = handle.channel
         if channel is not None and not channel.closed:
-            channel.send(
-                {"t": "done", "id": item_id, "status": status, "error": error, "scan_id": scan_id}
-            )
+            # The outcomes of one turn travel as one frame (see ProviderQueue.on_message).
+            channel.send_in_batch("done", [item_id, status, error, scan_id])
 
     # -- shutdown ---------------------------------------------------------------------
 

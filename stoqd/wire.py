@@ -195,6 +195,8 @@ class Channel:
         self._decoder = Decoder()
         self._chunk = bytearray(RECEIVE_SIZE)
         self._out = bytearray()
+        # Entries for one batch frame not yet framed (``send_in_batch``): its kind, entries.
+        self._batch: Optional[Tuple[str, List[Any]]] = None
         self.closed = False
         # The peer closed its end (it died): nothing more can be sent, but what it sent
         # before may still wait to be read.
@@ -216,8 +218,30 @@ class Channel:
         """
         self.send_raw(encode_header(header), body)
 
+    def send_in_batch(self, kind: str, entry: Any) -> None:
+        """Queue ``entry`` (JSON) for one frame ``{"t": kind, "items": [entry, ...]}``
+        carrying every entry queued since the last other frame or flush.
+
+        For what the supervisor sends per item (outcomes): the peer then decodes one
+        header per turn of the loop instead of one per item. Order is kept: the batch is
+        framed before any frame sent after it.
+        """
+        batch = self._batch
+        if batch is not None and batch[0] == kind:
+            batch[1].append(entry)
+            return
+        self._end_batch()
+        self._batch = (kind, [entry])
+
+    def _end_batch(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch is not None:
+            self.send_raw(encode_header({"t": batch[0], "items": batch[1]}))
+
     def send_raw(self, raw_header: bytes, body: Buffer = b"") -> None:
         """``send`` with a header already encoded (``encode_header``, ``with_members``)."""
+        if self._batch is not None:
+            self._end_batch()
         if not self.closed and not self.peer_gone:
             out = self._out
             out += _PREFIX.pack(len(raw_header), len(body))
@@ -225,6 +249,7 @@ class Channel:
             out += body
 
     def flush(self) -> None:
+        self._end_batch()
         while self._out and not self.closed:
             try:
                 sent = self.sock.send(self._out)
@@ -249,7 +274,7 @@ class Channel:
 
     @property
     def wants_write(self) -> bool:
-        return bool(self._out) and not self.closed
+        return bool(self._out or self._batch) and not self.closed
 
     def receive(self) -> Optional[List[Message]]:
         """Frames now readable; None when the peer has gone (EOF or error)."""

@@ -14,6 +14,7 @@ pushed through the socket, so memory is bounded by configuration, not by file si
 from __future__ import annotations
 
 import fcntl
+import itertools
 import os
 import queue as stdlib_queue
 import shutil
@@ -22,21 +23,31 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Dict, List, NoReturn, Optional, Union
+from typing import (
+    Any,
+    Callable,
+    ContextManager,
+    Dict,
+    List,
+    NamedTuple,
+    NoReturn,
+    Optional,
+    Union,
+)
 
+from . import childproc, logs
 from .framework.data import Payload, PayloadMeta, RequestMeta
 from .framework.helpers import compact_json
-from .wire import Endpoint, with_members
+from .wire import Endpoint
 
 SAVED = "saved"
 FAILED = "failed"
 NOT_DONE = "not_done"
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """How one item ended, as reported back to the provider that put it."""
+class Outcome(NamedTuple):
+    """How one item ended, as reported back to the provider that put it. (Immutable;
+    a named tuple, not a frozen dataclass, as one is made per item: half the time.)"""
 
     status: str  # saved | failed | not_done
     error: Optional[str] = None
@@ -71,12 +82,13 @@ class ProviderQueue:
         self._endpoint = endpoint
         self._inline_max = inline_max_bytes
         self._spool_dir = spool_dir
-        self._credits = threading.Semaphore(0)
-        self._next_id = 0
-        self._id_lock = threading.Lock()
+        # What put() and the reader thread share, under one lock: one acquisition per
+        # put, as providers put thousands of items a second.
+        self._lock = threading.Condition(threading.Lock())
+        self._credits = 0  # items this process may still put (the supervisor grants them)
         self._callbacks: Dict[int, DoneCallback] = {}
-        self._pending = 0
-        self._idle = threading.Condition()
+        self._pending = 0  # items put with a ``done`` callback, outcome not yet delivered
+        self._ids = itertools.count(1)  # next() on it is atomic: no lock needed
         self.stopping = threading.Event()
         self.put_count = 0
 
@@ -196,6 +208,11 @@ class ProviderQueue:
             header["key"] = str(key)
             if not redelivered:
                 header["first"] = True
+        item_id = next(self._ids)  # an id a refused item leaves unused is never missed
+        header["t"] = "item"
+        header["id"] = item_id
+        if done is not None:
+            header["cb"] = True  # only then is the outcome sent back
         try:
             # Encoded before a credit is taken: an item that cannot be encoded costs none.
             raw = _encode(header)
@@ -211,24 +228,37 @@ class ProviderQueue:
             if block:
                 time.sleep(timeout or 0)
             self._refuse(header)
-        if not self._credits.acquire(blocking=False):
+        if not self._take_credit(item_id, done):
             # Before waiting for room, the puts held back by ``batched`` go to stoqd: they
             # hold credits, and may be what it would scan while we wait.
             self._endpoint.release_held()
-            if not self._credits.acquire(blocking=block, timeout=timeout):
+            if not self._wait_for_credit(item_id, done, block, timeout):
                 self._refuse(header)
-        with self._id_lock:
-            self._next_id += 1
-            item_id = self._next_id
-            if done is not None:
-                self._callbacks[item_id] = done
-                with self._idle:
-                    self._pending += 1
-        members: Dict[str, Any] = {"t": "item", "id": item_id}
-        if done is not None:
-            members["cb"] = True  # only then is the outcome sent back
-        self._endpoint.send_raw(with_members(raw, members), body)
+        self._endpoint.send_raw(raw, body)
         self.put_count += 1
+
+    def _take_credit(self, item_id: int, done: Optional[DoneCallback]) -> bool:
+        with self._lock:
+            return self._spend_credit(item_id, done)
+
+    def _wait_for_credit(
+        self, item_id: int, done: Optional[DoneCallback], block: bool, timeout: Optional[float]
+    ) -> bool:
+        with self._lock:
+            if block:
+                self._lock.wait_for(lambda: self._credits > 0, timeout)
+            return self._spend_credit(item_id, done)
+
+    def _spend_credit(self, item_id: int, done: Optional[DoneCallback]) -> bool:
+        """Under the lock: spend a credit on ``item_id`` if one is left, and register its
+        ``done`` (before the item is sent: its outcome may come back at once)."""
+        if self._credits <= 0:
+            return False
+        self._credits -= 1
+        if done is not None:
+            self._callbacks[item_id] = done
+            self._pending += 1
+        return True
 
     def _refuse(self, header: Dict[str, Any]) -> NoReturn:
         """The item does not enter the queue: drop its spool copy, tell the caller."""
@@ -246,30 +276,39 @@ class ProviderQueue:
         if kind == "credit":
             count = int(header["n"])
             if count > 0:  # one wake-up for the whole batch, not one per credit
-                self._credits.release(count)
+                with self._lock:
+                    self._credits += count
+                    self._lock.notify_all()
         elif kind == "done":
-            self._complete(header)
+            self._complete(header["items"])
         elif kind == "stop":
             self.stopping.set()
 
-    def _complete(self, header: Dict[str, Any]) -> None:
-        outcome = Outcome(header["status"], header.get("error"), header.get("scan_id"))
-        with self._id_lock:
-            callback = self._callbacks.pop(int(header["id"]), None)
+    def _complete(self, outcomes: List[List[Any]]) -> None:
+        """Deliver a batch of outcomes (``[id, status, error, scan_id]`` each) to the
+        callbacks registered by ``put``; one failing callback does not stop the rest."""
+        with self._lock:
+            callbacks = [self._callbacks.pop(int(entry[0]), None) for entry in outcomes]
         try:
-            if callback is not None:
-                callback(outcome)
+            for entry, callback in zip(outcomes, callbacks, strict=True):
+                if callback is None:
+                    continue
+                try:
+                    callback(Outcome(entry[1], entry[2], entry[3]))
+                except Exception as exc:  # the provider's code
+                    logs.get().error("done_callback_failed", error=childproc.one_line(exc))
         finally:
-            with self._idle:
-                self._pending -= 1
-                self._idle.notify_all()
+            with self._lock:
+                self._pending -= len(outcomes)
+                if self._pending <= 0:
+                    self._lock.notify_all()  # wait_idle
 
     def wait_idle(self) -> None:
         """Block until every item put has been reported back."""
         self._endpoint.release_held()
-        with self._idle:
+        with self._lock:
             while self._pending > 0:
-                self._idle.wait(1.0)
+                self._lock.wait(1.0)
 
 
 def _unlink_quietly(path: str) -> None:
