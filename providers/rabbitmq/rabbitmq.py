@@ -345,7 +345,7 @@ class _Consumer:
         self.pending: Deque[Delivery] = collections.deque()  # received, not yet put
         # Filled by stoqd's completion thread, drained here: deque appends are atomic.
         self.outcomes: Deque[Tuple[Delivery, Any]] = collections.deque()
-        self.in_flight: collections.Counter[str] = collections.Counter()  # message ids put
+        self.in_flight: Dict[str, int] = {}  # message id -> copies put and not finished
         self.parked: Dict[str, List[Delivery]] = {}  # redeliveries of ids still in flight
         self.saved_unacked: collections.OrderedDict[str, None] = collections.OrderedDict()
         # Delivery tags of the current channel not yet acked or nacked, in arrival order,
@@ -528,7 +528,7 @@ class _Consumer:
                 self.stats["duplicates_skipped"] += 1
                 self._ack(delivery)
                 return True
-            if self.in_flight[message_id]:
+            if message_id in self.in_flight:
                 self.parked.setdefault(message_id, []).append(delivery)
                 return True
         try:
@@ -552,7 +552,7 @@ class _Consumer:
         except stdlib_queue.Full:
             return False
         if message_id is not None:
-            self.in_flight[message_id] += 1
+            self.in_flight[message_id] = self.in_flight.get(message_id, 0) + 1
         self._unfinished_count += 1
         self.stats["in_flight"] = self._unfinished_count
         return True
@@ -564,10 +564,10 @@ class _Consumer:
             "routing_key": delivery.routing_key,
             "redelivered": delivery.redelivered,
         }
-        for name in _PROPERTIES:
-            value = getattr(delivery.properties, name, None)
-            if value is not None:
-                extra[name] = value
+        properties = vars(delivery.properties)  # pika keeps every property there, None if unset
+        extra.update(
+            {name: value for name in _PROPERTIES if (value := properties.get(name)) is not None}
+        )
         return extra
 
     # -- outcomes ---------------------------------------------------------------------
@@ -640,9 +640,9 @@ class _Consumer:
     def _finish(self, delivery: Delivery, outcome: Any) -> None:
         message_id = delivery.message_id
         if message_id is not None:
-            self.in_flight[message_id] -= 1
-            if self.in_flight[message_id] <= 0:
-                del self.in_flight[message_id]
+            copies = self.in_flight.pop(message_id, 0) - 1
+            if copies > 0:
+                self.in_flight[message_id] = copies
         self._unfinished_count -= 1
         if delivery.generation != self.generation or self.channel is None:
             # Its channel is gone, so is its delivery tag; the broker redelivers it.
@@ -655,8 +655,9 @@ class _Consumer:
             self._retry_or_dead_letter(delivery, outcome.error or "scan failed")
         else:  # not_done: stoqd stopped before scanning it
             self._nack(delivery, requeue=True)
-        if message_id is not None and message_id in self.parked and not self.in_flight[message_id]:
-            self._release_parked(message_id, outcome.saved)
+        if message_id is not None and message_id in self.parked:
+            if message_id not in self.in_flight:  # its last copy in flight has ended
+                self._release_parked(message_id, outcome.saved)
 
     def _release_parked(self, message_id: str, saved: bool) -> None:
         for parked in self.parked.pop(message_id):
