@@ -76,6 +76,23 @@ def test_channel_buffers_instead_of_blocking_and_reports_eof() -> None:
     assert channel.closed
 
 
+def test_batched_entries_travel_as_one_frame_ahead_of_what_is_sent_after_them() -> None:
+    ours, theirs = socket.socketpair()
+    channel, endpoint = Channel(ours), Endpoint(theirs)
+    channel.send_in_batch("done", [1, "saved"])
+    channel.send_in_batch("done", [2, "failed"])
+    assert channel.wants_write  # nothing framed yet, but the loop must flush it
+    channel.send({"t": "terminate"})  # never overtakes the outcomes queued before it
+    channel.send_in_batch("done", [3, "saved"])
+    channel.flush()
+    assert [endpoint.receive() for _ in range(3)] == [
+        ({"t": "done", "items": [[1, "saved"], [2, "failed"]]}, b""),
+        ({"t": "terminate"}, b""),
+        ({"t": "done", "items": [[3, "saved"]]}, b""),
+    ]
+    assert not channel.wants_write
+
+
 def test_what_a_dead_peer_sent_is_still_read_after_a_send_to_it_fails() -> None:
     # A worker sends a result, then dies; the supervisor, not knowing yet, sends it the
     # next item. The failed send must not drop the result still waiting to be read, or

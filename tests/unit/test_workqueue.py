@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from stoqd.wire import Decoder, Endpoint
-from stoqd.workqueue import ItemError, ProviderQueue, read_file
+from stoqd.workqueue import ItemError, Outcome, ProviderQueue, read_file
 
 _PEERS: list[socket.socket] = []  # the supervisor's ends, kept open for the tests' lifetime
 
@@ -119,3 +119,26 @@ def test_a_batch_holds_at_most_sixteen_puts(tmp_path: Path) -> None:
             provider_queue.put(b"%d" % number)
         assert len(_frames_waiting(peer, 5)) == 16
     assert [body for _, body in _frames_waiting(peer, 5)] == [b"16"]
+
+
+def test_a_failing_done_callback_does_not_keep_the_others_from_their_outcomes(
+    tmp_path: Path,
+) -> None:
+    provider_queue = _queue(tmp_path)
+    provider_queue.on_message({"t": "credit", "n": 3})
+    outcomes: list = []
+
+    def broken(outcome: Outcome) -> None:
+        raise RuntimeError("ack failed")
+
+    provider_queue.put(b"a", done=outcomes.append)
+    provider_queue.put(b"b", done=broken)
+    provider_queue.put(b"c", done=outcomes.append)
+    assert provider_queue.qsize() == 3
+    provider_queue.on_message(
+        {"t": "done", "items": [[1, "saved", None, "s1"], [2, "saved", None, "s2"],
+                                [3, "failed", "disk full", None]]}
+    )  # fmt: skip
+    assert outcomes == [Outcome("saved", None, "s1"), Outcome("failed", "disk full", None)]
+    assert provider_queue.qsize() == 0
+    provider_queue.wait_idle()  # returns: nothing is owed
