@@ -10,14 +10,21 @@ For each source, N messages of S bytes (20,000 x 4 KiB by default):
 - zmq: *bare*: a PULL socket that only receives. *stoqd*: the ``zmq`` provider (PULL,
   bound), same pipeline, counted when the results are saved (ZeroMQ has no ack).
 
-Messages are published before the consumer starts (for zmq the sender runs alongside);
-the clock runs from the first message consumed (bare) or the provider's first ``put``
-(stoqd) to the last ack or save, read from ``stoqctl status`` over the control socket
-every 50 ms. Files live on tmpfs (/dev/shm). Numbers are printed, never asserted.
+Messages are published before the consumer starts (for zmq the sender runs alongside).
+Bare: the clock runs from the first message consumed to the last ack, in this process.
+stoqd: it runs from the first saved result to the last (their ``time``), (N - 1) / that
+span, as ``bench_daemon.py`` counts; the run ends when ``stoqctl status`` (polled every
+50 ms) shows every message acked (zmq: saved). Files live on tmpfs (/dev/shm). Numbers
+are printed, never asserted.
 
 Over the same interval the CPU time of each process is read from ``/proc/PID/stat`` and
 printed per role, in microseconds per message: the daemon's supervisor, provider and
 workers, the broker (RabbitMQ's Erlang VM) and, for the bare client, this script itself.
+For stoqd the processes are sampled every 50 ms from the provider's start, and their CPU
+time at the first and last result is interpolated between the samples around them. (Before
+2026-11-25 the span began when status first showed a message received, which the provider
+reports every 0.5 s: it missed the first few hundred milliseconds of the busiest CPU, so
+the CPU per message read 10-15% low.)
 With ``--repeat N`` each source runs N times and the run with the median stoqd rate is
 shown.
 
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import itertools
 import os
 import resource
 import shutil
@@ -44,11 +52,14 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the broker fixtures' classes, without pytest
+
+import orjson  # noqa: E402
 
 from stoqd.ctl import request  # noqa: E402
 from stoqd.testing import Daemon, write_config  # noqa: E402
@@ -157,9 +168,8 @@ def run_daemon(name: str, options: Dict[str, Any], count: int, counter: str,
     })  # fmt: skip
     daemon = Daemon(config)
     try:
-        first: Optional[float] = None
         pids: Dict[int, str] = {}
-        before: Dict[int, float] = {}
+        samples: List[Tuple[float, Dict[int, float]]] = []  # (time.time(), CPU per pid)
         deadline = time.monotonic() + 600
         feeder: Optional[threading.Thread] = None
         while time.monotonic() < deadline:
@@ -172,20 +182,40 @@ def run_daemon(name: str, options: Dict[str, Any], count: int, counter: str,
             if feed is not None and feeder is None and stats.get("connection"):
                 feeder = threading.Thread(target=feed, daemon=True)
                 feeder.start()
-            done = stats.get(counter) or 0
-            if first is None and (stats.get("received") or 0) > 0:
-                first = time.monotonic()
+            if not pids and stats:  # the provider runs: from now on its CPU is sampled
                 pids = daemon_roles(daemon, others or {})
-                before = snapshot(pids)
-            if done >= count:
-                assert first is not None
-                rate = count / (time.monotonic() - first)
-                return rate, per_message(pids, before, snapshot(pids), count)
+            if pids:
+                samples.append((time.time(), snapshot(pids)))
+            if (stats.get(counter) or 0) >= count:
+                samples.append((time.time(), snapshot(pids)))
+                first, last, saved = result_times(root / "results.jsonl")
+                before, after = cpu_at(samples, first), cpu_at(samples, last)
+                return (saved - 1) / (last - first), per_message(pids, before, after, saved - 1)
             time.sleep(0.05)
         raise RuntimeError(f"{name}: timed out; last stats {stats}")
     finally:
         daemon.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def result_times(path: Path) -> Tuple[float, float, int]:
+    """The first and last result's ``time`` (epoch seconds) and the number of results."""
+    moments = [iso_seconds(orjson.loads(line)["time"]) for line in path.read_bytes().splitlines()]
+    return min(moments), max(moments), len(moments)
+
+
+def iso_seconds(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+def cpu_at(samples: List[Tuple[float, Dict[int, float]]], moment: float) -> Dict[int, float]:
+    """Each process's CPU seconds at ``moment``, between the two samples around it."""
+    for (t0, cpu0), (t1, cpu1) in itertools.pairwise(samples):
+        if t0 <= moment <= t1:
+            share = (moment - t0) / (t1 - t0) if t1 > t0 else 0.0
+            return {pid: cpu0[pid] + (cpu1[pid] - cpu0[pid]) * share
+                    for pid in cpu0 if pid in cpu1}  # fmt: skip
+    raise RuntimeError("a result outside the sampled interval: sampling began too late")
 
 
 # -- RabbitMQ ---------------------------------------------------------------------------
