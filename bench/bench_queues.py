@@ -182,15 +182,23 @@ def run_daemon(name: str, options: Dict[str, Any], count: int, counter: str,
             if feed is not None and feeder is None and stats.get("connection"):
                 feeder = threading.Thread(target=feed, daemon=True)
                 feeder.start()
-            if not pids and stats:  # the provider runs: from now on its CPU is sampled
-                pids = daemon_roles(daemon, others or {})
+            if not pids:  # from the provider's start, every process's CPU is sampled
+                try:
+                    roles = daemon_roles(daemon, others or {})
+                except Exception:  # not up yet
+                    roles = {}
+                if {"provider", "workers"} <= set(roles.values()):
+                    pids = roles
             if pids:
                 samples.append((time.time(), snapshot(pids)))
             if (stats.get(counter) or 0) >= count:
                 samples.append((time.time(), snapshot(pids)))
-                first, last, saved = result_times(root / "results.jsonl")
+                # Results saved before the first sample (rare: a fast start) are left out.
+                moments = [t for t in result_times(root / "results.jsonl") if t >= samples[0][0]]
+                first, last = moments[0], moments[-1]
                 before, after = cpu_at(samples, first), cpu_at(samples, last)
-                return (saved - 1) / (last - first), per_message(pids, before, after, saved - 1)
+                spans = len(moments) - 1
+                return spans / (last - first), per_message(pids, before, after, spans)
             time.sleep(0.05)
         raise RuntimeError(f"{name}: timed out; last stats {stats}")
     finally:
@@ -198,10 +206,10 @@ def run_daemon(name: str, options: Dict[str, Any], count: int, counter: str,
         shutil.rmtree(root, ignore_errors=True)
 
 
-def result_times(path: Path) -> Tuple[float, float, int]:
-    """The first and last result's ``time`` (epoch seconds) and the number of results."""
-    moments = [iso_seconds(orjson.loads(line)["time"]) for line in path.read_bytes().splitlines()]
-    return min(moments), max(moments), len(moments)
+def result_times(path: Path) -> List[float]:
+    """Every result's ``time`` (epoch seconds), in order."""
+    lines = path.read_bytes().splitlines()
+    return sorted(iso_seconds(orjson.loads(line)["time"]) for line in lines)
 
 
 def iso_seconds(text: str) -> float:
@@ -215,7 +223,7 @@ def cpu_at(samples: List[Tuple[float, Dict[int, float]]], moment: float) -> Dict
             share = (moment - t0) / (t1 - t0) if t1 > t0 else 0.0
             return {pid: cpu0[pid] + (cpu1[pid] - cpu0[pid]) * share
                     for pid in cpu0 if pid in cpu1}  # fmt: skip
-    raise RuntimeError("a result outside the sampled interval: sampling began too late")
+    raise RuntimeError(f"no samples around {moment}")  # not expected: see run_daemon
 
 
 # -- RabbitMQ ---------------------------------------------------------------------------
