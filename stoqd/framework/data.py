@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, DefaultDict, Dict, List, Optional
 
@@ -28,13 +27,8 @@ def new_id() -> str:
 _VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
-@dataclass(init=False, repr=False, eq=False)  # for orjson's native path (helpers.py)
 class PayloadMeta:
     """What the producer of a payload says about it."""
-
-    should_archive: bool
-    extra_data: Dict[str, Any]
-    dispatch_to: List[str]
 
     def __init__(
         self,
@@ -78,13 +72,8 @@ class Payload:
         )
 
 
-@dataclass(init=False, repr=False, eq=False)  # for orjson's native path (helpers.py)
 class RequestMeta:
     """What the requester says about a whole scan request."""
-
-    archive_payloads: bool
-    source: Optional[str]
-    extra_data: Dict[str, Any]
 
     def __init__(
         self,
@@ -97,18 +86,8 @@ class RequestMeta:
         self.extra_data = {} if extra_data is None else extra_data
 
 
-@dataclass(init=False, repr=False, eq=False)  # for orjson's native path (helpers.py)
 class PayloadResults:
     """The serialisable record of one payload's scan (one entry of ``results``)."""
-
-    payload_id: str
-    size: int
-    payload_meta: PayloadMeta
-    workers: List[Dict[str, Any]]
-    plugins_run: Dict[str, List[Any]]
-    extracted_from: Optional[str]
-    extracted_by: Optional[str]
-    archivers: Dict[str, Any]
 
     def __init__(
         self,
@@ -144,16 +123,8 @@ class PayloadResults:
         )
 
 
-@dataclass(init=False, repr=False, eq=False)  # for orjson's native path (helpers.py)
 class StoqResponse:
     """The result of one scan request: every payload's results plus errors and decorators."""
-
-    time: str
-    results: List[PayloadResults]
-    request_meta: RequestMeta
-    errors: DefaultDict[str, List[str]]
-    decorators: Dict[str, Any]
-    scan_id: str
 
     def __init__(
         self,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import configparser
-import dataclasses
 import datetime
 import enum
 import hashlib
@@ -38,12 +37,6 @@ def _to_jsonable(obj: Any) -> Any:
         # The usual case, a result object, first: four of them per result.
         fields = getattr(obj, "__dict__", None)
         if fields is None:
-            if dataclasses.is_dataclass(obj):  # with __slots__: its public fields, as orjson
-                return {
-                    f.name: getattr(obj, f.name)
-                    for f in dataclasses.fields(obj)
-                    if not f.name.startswith("_")
-                }
             return repr(obj)
         for key in fields:
             if key[:1] == "_":  # rare: private attributes stay out
@@ -72,11 +65,14 @@ def dumps(data: Any, indent: Optional[int] = 4, compactly: bool = False) -> str:
 
 # Compact JSON is written once per result and once per item on stoqd's private sockets;
 # with the json module it was a third of a worker's CPU per 4 KiB message, and orjson
-# takes under half of that. Dates go to _to_jsonable, as the json module does, so both
-# write the same text for them. Dataclasses do not: orjson writes them natively, as
-# _to_jsonable does (public attributes in __dict__, or public fields with __slots__), in a
-# tenth of the time; so do the framework's result classes, which are dataclasses for it.
-_ORJSON_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
+# takes under half of that. The passthrough options send dates and dataclasses to
+# _to_jsonable, as the json module does, so both write the same text for them. (orjson's
+# own dataclass path would be faster, but it kills the process, SIGSEGV or SIGILL, on a
+# slots dataclass with an unset field or an attribute named "": a plugin's value must
+# never do more than fail its save.)
+_ORJSON_OPTIONS = (
+    orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+)
 
 
 def compact_json(data: Any, newline: bool = False) -> bytes:
