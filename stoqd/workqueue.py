@@ -23,13 +23,13 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import (
     Any,
     Callable,
     ContextManager,
     Dict,
     List,
-    NamedTuple,
     NoReturn,
     Optional,
     Union,
@@ -45,9 +45,9 @@ FAILED = "failed"
 NOT_DONE = "not_done"
 
 
-class Outcome(NamedTuple):
-    """How one item ended, as reported back to the provider that put it. (Immutable;
-    a named tuple, not a frozen dataclass, as one is made per item: half the time.)"""
+@dataclass(frozen=True)
+class Outcome:
+    """How one item ended, as reported back to the provider that put it."""
 
     status: str  # saved | failed | not_done
     error: Optional[str] = None
@@ -84,7 +84,7 @@ class ProviderQueue:
         self._spool_dir = spool_dir
         # What put() and the reader thread share, under one lock: one acquisition per
         # put, as providers put thousands of items a second.
-        self._lock = threading.Condition(threading.Lock())
+        self._lock = threading.Condition()  # reentrant, as the locks it replaced
         self._credits = 0  # items this process may still put (the supervisor grants them)
         self._callbacks: Dict[int, DoneCallback] = {}
         self._pending = 0  # items put with a ``done`` callback, outcome not yet delivered
@@ -289,17 +289,20 @@ class ProviderQueue:
         callbacks registered by ``put``; one failing callback does not stop the rest."""
         with self._lock:
             callbacks = [self._callbacks.pop(int(entry[0]), None) for entry in outcomes]
+        delivered = 0
         try:
             for entry, callback in zip(outcomes, callbacks, strict=True):
-                if callback is None:
-                    continue
-                try:
-                    callback(Outcome(entry[1], entry[2], entry[3]))
-                except Exception as exc:  # the provider's code
-                    logs.get().error("done_callback_failed", error=childproc.one_line(exc))
+                if callback is not None:
+                    try:
+                        callback(Outcome(entry[1], entry[2], entry[3]))
+                    except Exception as exc:  # the provider's code
+                        logs.get().error("done_callback_failed", error=childproc.one_line(exc))
+                delivered += 1
         finally:
+            # Only those delivered: after a SystemExit from a callback the rest stay
+            # owed, so wait_idle does not report idle with outcomes never delivered.
             with self._lock:
-                self._pending -= len(outcomes)
+                self._pending -= delivered
                 if self._pending <= 0:
                     self._lock.notify_all()  # wait_idle
 

@@ -142,3 +142,22 @@ def test_a_failing_done_callback_does_not_keep_the_others_from_their_outcomes(
     assert outcomes == [Outcome("saved", None, "s1"), Outcome("failed", "disk full", None)]
     assert provider_queue.qsize() == 0
     provider_queue.wait_idle()  # returns: nothing is owed
+
+
+def test_outcomes_after_a_callback_that_exits_stay_owed(tmp_path: Path) -> None:
+    provider_queue = _queue(tmp_path)
+    provider_queue.on_message({"t": "credit", "n": 2})
+    outcomes: list = []
+
+    def leaving(outcome: Outcome) -> None:
+        raise SystemExit(1)
+
+    provider_queue.put(b"a", done=leaving)
+    provider_queue.put(b"b", done=outcomes.append)
+    with pytest.raises(SystemExit):
+        provider_queue.on_message(
+            {"t": "done", "items": [[1, "saved", None, "s1"], [2, "saved", None, "s2"]]}
+        )
+    assert outcomes == []
+    # Neither callback finished: both stay owed, so wait_idle does not report idle.
+    assert provider_queue.qsize() == 2
