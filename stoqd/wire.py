@@ -38,6 +38,9 @@ RECEIVE_SIZE = 64 << 10
 # Frames one thread holds back at most (Endpoint.holding): about a receive buffer's worth
 # of 4 KiB items, and never a long wait for the first of them.
 _HELD_FRAMES_MAX = 16
+# Entries one batch frame carries at most (Channel.send_in_batch): far below MAX_HEADER
+# even with long error lines, and already one frame per many items.
+_BATCH_MAX = 128
 
 Message = Tuple[Dict[str, Any], bytes]
 # A message with its header as it arrived, for passing on without re-encoding it.
@@ -227,7 +230,7 @@ class Channel:
         framed before any frame sent after it.
         """
         batch = self._batch
-        if batch is not None and batch[0] == kind:
+        if batch is not None and batch[0] == kind and len(batch[1]) < _BATCH_MAX:
             batch[1].append(entry)
             return
         self._end_batch()

@@ -93,6 +93,17 @@ def test_batched_entries_travel_as_one_frame_ahead_of_what_is_sent_after_them() 
     assert not channel.wants_write
 
 
+def test_a_batch_frame_carries_at_most_128_entries() -> None:
+    ours, theirs = socket.socketpair()
+    channel, endpoint = Channel(ours), Endpoint(theirs)
+    for number in range(130):
+        channel.send_in_batch("done", number)
+    channel.flush()
+    first, second = endpoint.receive(), endpoint.receive()
+    assert first is not None and first[0]["items"] == list(range(128))
+    assert second is not None and second[0]["items"] == [128, 129]
+
+
 def test_what_a_dead_peer_sent_is_still_read_after_a_send_to_it_fails() -> None:
     # A worker sends a result, then dies; the supervisor, not knowing yet, sends it the
     # next item. The failed send must not drop the result still waiting to be read, or
