@@ -24,16 +24,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import (
-    Any,
-    Callable,
-    ContextManager,
-    Dict,
-    List,
-    NoReturn,
-    Optional,
-    Union,
-)
+from typing import Any, Callable, ContextManager, Dict, List, NoReturn, Optional, Union
 
 from . import childproc, logs
 from .framework.data import Payload, PayloadMeta, RequestMeta
