@@ -279,6 +279,12 @@ class Channel:
     def wants_write(self) -> bool:
         return bool(self._out or self._batch) and not self.closed
 
+    @property
+    def holds_only_a_batch(self) -> bool:
+        """Whether all that waits to be sent is a batch not yet framed (see
+        ``send_in_batch``), which its owner may let grow for a while."""
+        return not self._out and self._batch is not None
+
     def receive(self) -> Optional[List[Message]]:
         """Frames now readable; None when the peer has gone (EOF or error)."""
         frames = self.receive_frames()

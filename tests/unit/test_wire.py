@@ -93,6 +93,21 @@ def test_batched_entries_travel_as_one_frame_ahead_of_what_is_sent_after_them() 
     assert not channel.wants_write
 
 
+def test_a_channel_tells_when_all_it_holds_is_a_batch_not_yet_framed() -> None:
+    ours, theirs = socket.socketpair()
+    channel, endpoint = Channel(ours), Endpoint(theirs)
+    assert not channel.holds_only_a_batch
+    channel.send_in_batch("done", 1)
+    assert channel.holds_only_a_batch and channel.wants_write
+    channel.send({"t": "credit", "n": 4})  # frames the batch ahead of itself
+    assert not channel.holds_only_a_batch
+    channel.flush()
+    assert [endpoint.receive(), endpoint.receive()] == [
+        ({"t": "done", "items": [1]}, b""),
+        ({"t": "credit", "n": 4}, b""),
+    ]
+
+
 def test_a_batch_frame_carries_at_most_128_entries() -> None:
     ours, theirs = socket.socketpair()
     channel, endpoint = Channel(ours), Endpoint(theirs)
