@@ -1062,7 +1062,9 @@ class Supervisor:
                 channel = child.channel
                 if channel is None or channel.closed:
                     continue
-                if outcomes_wait and channel.holds_only_a_batch:
+                # (Not when the selector watches it for writing: it would report it
+                # writable every turn until then.)
+                if outcomes_wait and channel.holds_only_a_batch and not channel.write_interest:
                     continue  # _timeout wakes the loop for the next housekeeping
                 channel.flush()
                 # Closed by an error, or unwritable because the child died (peer_gone):
