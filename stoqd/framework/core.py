@@ -174,7 +174,7 @@ class Stoq(PluginSource):
 
     def save(self, response: StoqResponse) -> List[str]:
         """Save through every connector; returns one line per failure (also logged)."""
-        failures = save(self, list(self.config.values["core"]["connectors"]), response)
+        failures = save(self, list(self.core("connectors")), response)
         for failure in failures:
             log.error(failure)
         return failures
