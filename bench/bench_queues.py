@@ -52,7 +52,6 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -60,6 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the broker fixtures' classes, without pytest
 
 import orjson  # noqa: E402
+from bench_daemon import iso_seconds  # noqa: E402  (this script's directory is on the path)
 
 from stoqd.ctl import request  # noqa: E402
 from stoqd.testing import Daemon, write_config  # noqa: E402
@@ -210,10 +210,6 @@ def result_times(path: Path) -> List[float]:
     """Every result's ``time`` (epoch seconds), in order."""
     lines = path.read_bytes().splitlines()
     return sorted(iso_seconds(orjson.loads(line)["time"]) for line in lines)
-
-
-def iso_seconds(text: str) -> float:
-    return datetime.fromisoformat(text).timestamp()
 
 
 def cpu_at(samples: List[Tuple[float, Dict[int, float]]], moment: float) -> Dict[int, float]:
