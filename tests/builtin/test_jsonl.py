@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,59 @@ def test_fsync_option_still_writes_the_line(load, tmp_path):
     response = StoqResponse(results=[], request_meta=RequestMeta(), errors=new_errors())
     connector.save(response)
     assert json.loads(Path(output).read_text())["scan_id"] == response.scan_id
+
+
+def test_a_line_cut_short_by_a_killed_writer_is_blanked_and_the_next_line_stands_alone(
+    load, tmp_path
+):
+    output = tmp_path / "results.jsonl"
+    # What a writer SIGKILLed in the middle of its write leaves: a line without its end.
+    output.write_bytes(b'{"scan_id":"whole"}\n{"time":"2026-11-25T10:57:15.32","resu')
+    connector = load("jsonl", output_file=str(output))
+    response = StoqResponse(results=[], request_meta=RequestMeta(), errors=new_errors())
+    connector.save(response)
+    lines = output.read_bytes().split(b"\n")
+    assert lines[0] == b'{"scan_id":"whole"}'
+    assert lines[1] == b" " * 37
+    assert json.loads(lines[2])["scan_id"] == response.scan_id
+    assert lines[3:] == [b""]
+
+
+def test_a_last_line_that_is_whole_json_without_its_newline_is_left_as_it_is(load, tmp_path):
+    output = tmp_path / "results.jsonl"
+    output.write_bytes(b'{"written":"by somebody else"}')
+    connector = load("jsonl", output_file=str(output))
+    response = StoqResponse(results=[], request_meta=RequestMeta(), errors=new_errors())
+    connector.save(response)
+    assert output.read_bytes().startswith(b'{"written":"by somebody else"}{"time":')
+
+
+def _write_big_lines_forever(output_file: str) -> None:
+    connector = PluginRegistry().load("jsonl", {"output_file": output_file})
+    meta = RequestMeta(extra_data={"filler": "x" * (4 << 20)})  # a write of many pages
+    response = StoqResponse(results=[], request_meta=meta, errors=new_errors())
+    while True:
+        connector.save(response)  # type: ignore[attr-defined]
+
+
+def test_writers_killed_mid_write_leave_no_line_glued_to_the_next(load, tmp_path):
+    output = tmp_path / "results.jsonl"
+    survivor = load("jsonl", output_file=str(output))
+    context = multiprocessing.get_context("spawn")
+    cut_short, kills = 0, 0
+    # Killed at varying moments until three writes were cut short (about every other
+    # kill lands in one): each leaves a fragment the survivor's next line follows.
+    while cut_short < 3 and kills < 60:
+        writer = context.Process(target=_write_big_lines_forever, args=(str(output),))
+        writer.start()
+        time.sleep(0.3 + kills * 0.013 % 0.1)
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.join()
+        kills += 1
+        survivor.save(StoqResponse(results=[], request_meta=RequestMeta(), errors=new_errors()))
+        cut_short = output.read_bytes().count(b"  \n")
+    lines = output.read_bytes().split(b"\n")
+    assert lines[-1] == b""
+    whole = [json.loads(line) for line in lines[:-1] if line.strip()]  # none glued
+    assert cut_short >= 3, f"{kills} kills cut no write short"
+    assert sum(1 for line in whole if "filler" not in line["request_meta"]["extra_data"]) == kills
