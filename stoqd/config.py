@@ -150,7 +150,8 @@ SCHEMA: Tuple[Setting, ...] = (
         "max_queue",
         _positive_int,
         "100",
-        "Items the work queue holds before providers block (backpressure).",
+        "Items the work queue holds before providers block (backpressure). Each worker "
+        "holds up to 16 more (no more than this, at least 4).",
     ),
     Setting(
         "core", "max_recursion", _positive_int, "3", "How deep extracted payloads are scanned."

@@ -40,9 +40,11 @@ from .workqueue import FAILED, NOT_DONE, SAVED, new_spool_dir
 # Bound when the daemon starts; a reload keeps their running values (and says so).
 RESTART_ONLY = ("control_socket", "control_group", "spool_dir", "metrics_address")
 # Items a worker holds: one scanning, the rest ready, so it never waits on us, not even
-# while the loop naps (NAP).
+# while the loop naps (NAP). Never more than max_queue, though (a small queue says: keep
+# little in flight), and never fewer than PREFETCH_MIN.
 PREFETCH = 16
-# While every worker holds at least half its PREFETCH, the loop pauses this long (seconds)
+PREFETCH_MIN = 4
+# While every worker holds at least half of PREFETCH, the loop pauses this long (seconds)
 # before it looks at its sockets: the workers have more than that much work in hand, and
 # the results, items and outcomes that gather meanwhile are handled in one turn. A busy
 # loop otherwise turned for every two or three items, and its turns and the wake-ups
@@ -121,6 +123,7 @@ class Supervisor:
     def _apply_settings(self) -> None:
         values = self.config.values
         self.max_queue = max(1, values["core"]["max_queue"])
+        self.prefetch = min(PREFETCH, max(PREFETCH_MIN, self.max_queue))
         self.n_workers = self.config.workers()
         self.daemon = dict(values["stoqd"])
         self.spool_dir = getattr(self, "spool_dir", None) or new_spool_dir(self.daemon["spool_dir"])
@@ -229,11 +232,12 @@ class Supervisor:
         return max(0.0, soonest - now, self._housekeeping_at - now)
 
     def _workers_well_fed(self) -> bool:
-        """Whether every worker holds half its prefetch or more (see NAP); never while
-        stopping, when every turn counts."""
+        """Whether every worker holds half of PREFETCH or more (see NAP): never with a
+        smaller prefetch (a small max_queue), nor while stopping, when every turn counts."""
         if self.stopping_since is not None or not self.workers:
             return False
-        return all(len(worker.assigned) >= PREFETCH // 2 for worker in self.workers.values())
+        held = PREFETCH // 2
+        return all(len(worker.assigned) >= held for worker in self.workers.values())
 
     def _all_up(self) -> bool:
         workers_up = all(w.ready for w in self.workers.values())
@@ -671,7 +675,9 @@ class Supervisor:
         scans more than that even while another worker's recycling delays its own. While
         stopping no replacement comes: no budget then."""
         channel = worker.channel
-        if worker.retiring or worker.killed_for is not None or len(worker.assigned) >= PREFETCH:
+        if worker.retiring or worker.killed_for is not None:
+            return False
+        if len(worker.assigned) >= self.prefetch:
             return False
         if worker.assigned and (worker.asked_back or now - worker.current_since > SLOW_SCAN):
             return False

@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 from typing import Any, Callable, Dict
 
-from stoqd.supervisor import PREFETCH
+from stoqd.supervisor import PREFETCH, PREFETCH_MIN
 
 from .helpers import Run, wait_until
 
@@ -204,9 +204,10 @@ def test_a_full_queue_blocks_the_provider(make_run: Callable[..., Run]) -> None:
         status = daemon.wait_for(lambda s: True, what="a status")
         source = _source(status)
         unfinished = source["put"] - source["saved"] - source["failed"]
-        # Waiting in the queue: at most max_queue; beyond that only what workers hold.
+        # Waiting in the queue: at most max_queue; beyond that only what workers hold, no
+        # more than max_queue each either (but at least PREFETCH_MIN).
         assert status["queue"]["depth"] <= 4, status
-        assert unfinished <= 4 + 2 * PREFETCH, status
+        assert unfinished <= 4 + 2 * min(PREFETCH, max(PREFETCH_MIN, 4)), status
         put_seen.append(source["put"])
         if source["saved"] == 60:
             break
