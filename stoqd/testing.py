@@ -139,8 +139,17 @@ def complete_lines(path: Union[str, os.PathLike[str]]) -> List[str]:
 
 
 def read_jsonl(path: Union[str, os.PathLike[str]]) -> List[Dict[str, Any]]:
-    """The complete, non-blank lines of a JSON-lines file, parsed (see ``complete_lines``)."""
-    return [json.loads(line) for line in complete_lines(path) if line.strip()]
+    """The complete, non-blank lines of a JSON-lines file, parsed (see ``complete_lines``);
+    a line that is not JSON, the part of a line that a writer killed mid-write left behind
+    (see stoqd/builtin/jsonl.py), is skipped: its item was scanned again."""
+    results = []
+    for line in complete_lines(path):
+        if line.strip():
+            try:
+                results.append(json.loads(line))
+            except ValueError:
+                continue
+    return results
 
 
 def record_outcome(path: str, item_id: str, outcome: Outcome) -> None:

@@ -10,19 +10,22 @@ only when something has gone wrong (disk full, file size limit); the rest is the
 in a loop and the next call usually raises, which the daemon reports as "not saved".
 
 A writer killed in the middle of its ``write`` (SIGKILL: the kernel stops copying at the
-next page) leaves the start of a line without its newline, and the next line appended
-would be glued to it. So after each write the byte before the new line is checked; a
-fragment found there is overwritten with spaces (a blank line, which JSON readers skip),
-and the new line stands on its own. The fragment's result was never reported saved, so
-its item is scanned again: nothing is lost.
+next page) leaves part of a line without its newline, and the next line appended is glued
+to it. So after each write the byte before the new line is read: when it is not a
+newline, the line is written again, on a line of its own. The glued line stays, as a
+line that is not JSON (readers that stop at one, such as ``jq``, can skip it: ``jq -R
+'fromjson? // empty'``); the killed writer's result was never reported saved, so its
+item is scanned again. Nothing written is ever changed or lost, no lock is taken, and a
+live writer cannot be mistaken for a killed one: its ``write`` ended before this one began.
+Only regular files are checked; a FIFO or a device is opened write-only, as before.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import stat
 from configparser import ConfigParser
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from stoqd.framework.data import StoqResponse
 from stoqd.framework.exceptions import StoqPluginException
@@ -60,68 +63,56 @@ class JsonlConnector(ConnectorPlugin):
         line = compact_json(response, newline=True)
         # Opened per result rather than once, so a rotated (renamed) file is followed
         # and no descriptor is shared across a fork.
+        fd, regular = _open_appending(self.output_file)
         try:
-            # Readable too, to check what precedes the line (_blank_fragment_before).
-            fd = os.open(self.output_file, os.O_RDWR | _OPEN_FLAGS, 0o644)
-        except PermissionError:  # a file we may only write to: appended, not checked
-            fd = os.open(self.output_file, os.O_WRONLY | _OPEN_FLAGS, 0o644)
-        try:
-            _write_all(fd, line)
-            _blank_fragment_before(fd, len(line))
+            if _write_all(fd, line) and regular and _follows_part_of_a_line(fd, len(line)):
+                _write_all(fd, line)  # after the glued line's newline: on its own
             if self.fsync:
                 os.fsync(fd)
         finally:
             os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    """Write ``data`` with one ``os.write`` call; loop only if the kernel wrote less."""
+def _open_appending(path: str) -> Tuple[int, bool]:
+    """A descriptor appending to ``path``, and whether it is a regular file it can read.
+
+    Anything else is reopened write-only: a readable descriptor of a FIFO would count as
+    its reader, and the lines would vanish into the pipe when no other reader is there.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | _OPEN_FLAGS, 0o644)
+    except PermissionError:  # a file we may only write to: appended, not checked
+        return os.open(path, os.O_WRONLY | _OPEN_FLAGS, 0o644), False
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    if regular:
+        return fd, True
+    os.close(fd)
+    return os.open(path, os.O_WRONLY | _OPEN_FLAGS, 0o644), False
+
+
+def _follows_part_of_a_line(fd: int, size: int) -> bool:
+    """Whether the ``size`` bytes ``fd`` has just appended follow a byte that is not a
+    newline (a file truncated meanwhile reads as empty there: no)."""
+    try:
+        start = os.lseek(fd, 0, os.SEEK_CUR) - size  # O_APPEND: where the line began
+        return start > 0 and os.pread(fd, 1, start - 1) not in (b"\n", b"")
+    except OSError:
+        return False
+
+
+def _write_all(fd: int, data: bytes) -> bool:
+    """Write ``data`` with one ``os.write`` call; loop only if the kernel wrote less.
+    True if one call took it all (other writers' lines may lie between the pieces)."""
     view = memoryview(data)
+    view = view[os.write(fd, view) :]
+    whole = not view
     while view:
         written = os.write(fd, view)
         if written == 0:  # never expected from a regular file; avoid spinning forever
             raise OSError(f"write to fd {fd} made no progress")
         view = view[written:]
-
-
-def _blank_fragment_before(fd: int, size: int) -> None:
-    """Blank a line cut short just before the ``size`` bytes ``fd`` last appended.
-
-    A fragment is a line another writer began and never finished (see the module
-    docstring); text that parses as JSON is somebody's line without its newline, and is
-    left as it is. Costs two system calls when there is nothing to mend.
-    """
-    try:
-        start = os.lseek(fd, 0, os.SEEK_CUR) - size  # where this line began (O_APPEND)
-        if start <= 0 or os.pread(fd, 1, start - 1) == b"\n":
-            return
-        fragment_start = _line_start(fd, start)
-        fragment = os.pread(fd, start - fragment_start, fragment_start)
-    except OSError:  # not a regular file (a pipe, a device), or not readable: left
-        return
-    try:
-        json.loads(fragment)
-        return
-    except ValueError:
-        pass
-    # Written through a descriptor of its own: on Linux a pwrite to an O_APPEND one
-    # appends, whatever the offset. /proc/self/fd reaches the same file even if the path
-    # has been renamed or replaced since.
-    repair = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.pwrite(repair, b" " * (len(fragment) - 1) + b"\n", fragment_start)
-    finally:
-        os.close(repair)
-
-
-def _line_start(fd: int, end: int) -> int:
-    """The offset just after the last newline before ``end`` (0 if there is none)."""
-    position = end
-    while position > 0:
-        step = min(position, 64 << 10)
-        chunk = os.pread(fd, step, position - step)
-        newline = chunk.rfind(b"\n")
-        if newline >= 0:
-            return position - step + newline + 1
-        position -= step
-    return 0
+    return whole
