@@ -45,11 +45,12 @@ RESTART_ONLY = ("control_socket", "control_group", "spool_dir", "metrics_address
 PREFETCH = 16
 PREFETCH_MIN = 4
 # While every worker holds at least half of PREFETCH, the loop pauses this long (seconds)
-# before it looks at its sockets: the workers have more than that much work in hand, and
-# the results, items and outcomes that gather meanwhile are handled in one turn. A busy
-# loop otherwise turned for every two or three items, and its turns and the wake-ups
-# they caused in every process cost more than the items (25-40 CPU microseconds per
-# message with a broker; see bench/README.md).
+# before it looks at its sockets: the workers have about that much work in hand (8 small
+# items), and the results, items and outcomes that gather meanwhile are handled in one
+# turn. A busy loop otherwise turned for every two or three items, and its turns and the
+# wake-ups they caused in every process cost 25-50 CPU microseconds per message with a
+# broker, more than the naps cost in idle moments (the A/B runs in bench/README.md: 16
+# with 1 ms beat 8 with 0.5 ms, and 16 or 32 with 2 ms).
 NAP = 0.001
 # A scan running this long is slow: its worker gets nothing more, and gives back what waits
 # behind it, for another worker (see _reclaim_behind_slow_scans). Far above the time an
@@ -232,9 +233,10 @@ class Supervisor:
         return max(0.0, soonest - now, self._housekeeping_at - now)
 
     def _workers_well_fed(self) -> bool:
-        """Whether every worker holds half of PREFETCH or more (see NAP): never with a
-        smaller prefetch (a small max_queue), nor while stopping, when every turn counts."""
-        if self.stopping_since is not None or not self.workers:
+        """Whether every worker holds half of PREFETCH or more (see NAP): never when a
+        small max_queue lowers the prefetch, nor while stopping, when every turn counts.
+        (After a reload lowers it, workers may still hold more until they drain.)"""
+        if self.stopping_since is not None or not self.workers or self.prefetch < PREFETCH:
             return False
         held = PREFETCH // 2
         return all(len(worker.assigned) >= held for worker in self.workers.values())
