@@ -11,10 +11,16 @@ PYTEST_ARGS ?=
 
 .PHONY: run test lint bench install system-deps clean
 
-$(STAMP): pyproject.toml
+LOCK   := deploy/docker/requirements.lock
+
+# The tests run the versions the Docker image installs: its lock constrains the venv, with
+# the hashes left out (pip would demand them for the editable install too). Without it a
+# dependency released since the lock was made would be tested instead.
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	grep -v -e '^ *--hash' $(LOCK) | sed 's/ *\\$$//' > $(VENV)/constraints.txt
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
