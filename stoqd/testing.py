@@ -139,16 +139,21 @@ def complete_lines(path: Union[str, os.PathLike[str]]) -> List[str]:
 
 
 def read_jsonl(path: Union[str, os.PathLike[str]]) -> List[Dict[str, Any]]:
-    """The complete, non-blank lines of a JSON-lines file, parsed (see ``complete_lines``);
-    a line that is not JSON, the part of a line that a writer killed mid-write left behind
-    (see stoqd/builtin/jsonl.py), is skipped: its item was scanned again."""
+    """The complete, non-blank lines of a JSON-lines file, parsed (see ``complete_lines``).
+
+    A line glued to the part of one that a writer killed mid-write left behind is skipped
+    when the next line is its copy, as the jsonl connector writes it (see
+    stoqd/builtin/jsonl.py); any other line that is not JSON raises, as before.
+    """
+    lines = [line for line in complete_lines(path) if line.strip()]
     results = []
-    for line in complete_lines(path):
-        if line.strip():
-            try:
-                results.append(json.loads(line))
-            except ValueError:
-                continue
+    for index, line in enumerate(lines):
+        try:
+            results.append(json.loads(line))
+        except ValueError:
+            following = lines[index + 1] if index + 1 < len(lines) else ""
+            if not (following and line.endswith(following)):
+                raise
     return results
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from stoqd.testing import complete_lines, read_jsonl
 
 
@@ -26,3 +28,14 @@ def test_a_missing_file_or_one_without_a_whole_line_has_none(tmp_path: Path) -> 
     assert read_jsonl(tmp_path / "absent.jsonl") == []
     (tmp_path / "half.jsonl").write_bytes(b'{"n"')
     assert complete_lines(tmp_path / "half.jsonl") == []
+
+
+def test_a_line_glued_to_a_killed_writers_part_is_skipped_only_before_its_copy(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"a": 1}\n{"ti{"b": 2}\n{"b": 2}\n')  # what jsonl writes after a kill
+    assert read_jsonl(path) == [{"a": 1}, {"b": 2}]
+    path.write_text('{"a": 1}\n{"ti\n{"b": 2}\n')  # not JSON, and no copy after it
+    with pytest.raises(ValueError):
+        read_jsonl(path)
