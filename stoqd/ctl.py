@@ -159,6 +159,14 @@ def render(status: Dict[str, Any]) -> str:
             ]
         )
     lines += ["", _table(rows)]
+    if daemon.get("worker_error"):
+        retry = daemon.get("worker_retry_in")
+        lines += [
+            "",
+            f"workers: {len(status['workers'])} of {daemon['workers']}, "
+            f"error: {daemon['worker_error']}"
+            + (f", retry in {max(0.0, retry):.1f}s" if retry is not None else ""),
+        ]
     queue = status["queue"]
     lines += ["", f"queue: {queue['depth']}/{queue['max']} waiting, {queue['in_flight']} in flight"]
     return "\n".join(lines)

@@ -69,6 +69,7 @@ _DAEMON_COUNTERS = {
     "timeouts": "Payloads whose scan passed scan_timeout.",
     "quarantined": "Payloads given up on after killing max_attempts workers.",
     "items_given_back": "Items a worker gave back unscanned, waiting behind a slow scan.",
+    "worker_spawn_failures": "Worker processes that could not be started (retried).",
 }
 _WORKER_STATES = ("starting", "idle", "busy", "retiring")
 _METRIC_NAME = re.compile(r"[a-z][a-z0-9_]*")

@@ -52,6 +52,8 @@ PREFETCH_MIN = 4
 # broker, more than the naps cost in idle moments (the A/B runs in bench/README.md: 16
 # with 1 ms beat 8 with 0.5 ms, and 16 or 32 with 2 ms).
 NAP = 0.001
+# How long the control socket goes unwatched after accepting a connection failed.
+CONTROL_PAUSE = 0.5
 # A scan running this long is slow: its worker gets nothing more, and gives back what waits
 # behind it, for another worker (see _reclaim_behind_slow_scans). Far above the time an
 # item takes to reach a worker, which the prefetch hides, so little is lost by waiting.
@@ -110,7 +112,15 @@ class Supervisor:
             "quarantined": 0,
             "worker_deaths": 0,
             "items_given_back": 0,
+            "worker_spawn_failures": 0,
         }
+        # After a worker could not be started: why, how many times in a row, and when
+        # the pool is filled again (see _fill_worker_pool).
+        self.worker_spawn_error: Optional[str] = None
+        self.worker_spawn_failures = 0
+        self.next_worker_spawn = 0.0
+        # While the control socket is not watched (out of descriptors): until when.
+        self.control_paused_until: Optional[float] = None
         self.scan_seconds: Dict[str, Dict[str, Any]] = {}  # see _record_timings
         self.last_rss_check = 0.0
         self.hooks: List[Any] = []  # objects with on_ready/on_tick/on_stopping/on_reload
@@ -163,8 +173,7 @@ class Supervisor:
             control_socket=path,
         )
         try:
-            for _ in range(self.n_workers):
-                self._spawn_worker()
+            self._fill_worker_pool(time.monotonic())
             for name in self.stoq.core("providers"):
                 handle = ProviderHandle(name=name, settings=self.config.supervision(name))
                 self.providers[name] = handle
@@ -189,6 +198,9 @@ class Supervisor:
             if not self._housekeeping_skipped:
                 self._housekeeping_at = now + HOUSEKEEPING_EVERY
                 self._restart_due(now)
+                if self.worker_spawn_error is not None:
+                    self._fill_worker_pool(now)
+                self._resume_control(now)
                 self._enforce_time_limits(now)
                 self._recycle_workers(now)
                 for hook in self.hooks:
@@ -220,6 +232,10 @@ class Supervisor:
             for handle in self.providers.values():
                 if handle.next_retry and handle.next_retry < soonest:
                     soonest = handle.next_retry
+            if self.worker_spawn_error is not None and self.next_worker_spawn < soonest:
+                soonest = self.next_worker_spawn
+        if self.control_paused_until is not None and self.control_paused_until < soonest:
+            soonest = self.control_paused_until
         limit = self.daemon["scan_timeout"]
         for worker in self.workers.values():
             if not worker.assigned or worker.killed_for is not None:
@@ -242,7 +258,9 @@ class Supervisor:
         return all(len(worker.assigned) >= held for worker in self.workers.values())
 
     def _all_up(self) -> bool:
-        workers_up = all(w.ready for w in self.workers.values())
+        # (A pool short of workers that could not be started is not up.)
+        workers = self.workers.values()
+        workers_up = len(workers) >= self.n_workers and all(w.ready for w in workers)
         providers_up = all(p.state is not State.STARTING for p in self.providers.values())
         return workers_up and providers_up
 
@@ -270,7 +288,16 @@ class Supervisor:
         handle.ready_at = None
         handle.stop_requested_at = None
         handle.credits = 0
-        channel = handle.spawn(self.ctx, provider_main, handle.name, self.spec, self.child_settings)
+        try:
+            channel = handle.spawn(
+                self.ctx, provider_main, handle.name, self.spec, self.child_settings
+            )
+        except SPAWN_ERRORS as exc:
+            # Out of descriptors or processes: a failed start, backed off and retried as
+            # a crash is (FATAL after startretries), never the end of the daemon.
+            handle.last_error = f"cannot start its process: {_spawn_error(exc)}"
+            self._provider_crashed(handle, "not started", time.monotonic())
+            return
         channel.on_close = self._forget
         self.selector.register(
             channel, selectors.EVENT_READ, lambda _, h=handle: self._on_provider_readable(h)
@@ -478,10 +505,28 @@ class Supervisor:
 
     # -- workers ----------------------------------------------------------------------
 
-    def _spawn_worker(self) -> WorkerHandle:
+    def _fill_worker_pool(self, now: float) -> None:
+        """Start workers until the pool has ``workers`` that are not retiring; after one
+        could not be started, not before the retry is due (backoff_initial, backoff_max)."""
+        if self.stopping_since is not None or now < self.next_worker_spawn:
+            return
+        while len([w for w in self.workers.values() if not w.retiring]) < self.n_workers:
+            if self._spawn_worker() is None:
+                return
+
+    def _spawn_worker(self) -> Optional[WorkerHandle]:
+        """A new worker, or None when no process could be started (logged, retried)."""
         self.next_wid += 1
         worker = WorkerHandle(wid=self.next_wid, config_generation=self.config_generation)
-        channel = worker.spawn(self.ctx, worker_main, worker.wid, self.spec, self.child_settings)
+        try:
+            channel = worker.spawn(
+                self.ctx, worker_main, worker.wid, self.spec, self.child_settings
+            )
+        except SPAWN_ERRORS as exc:
+            self._worker_spawn_failed(exc)
+            return None
+        self.worker_spawn_error = None
+        self.worker_spawn_failures = 0
         channel.on_close = self._forget
         self.workers[worker.wid] = worker
         self.selector.register(
@@ -494,6 +539,24 @@ class Supervisor:
         )
         log.info("spawned", worker=worker.wid, child_pid=worker.pid)
         return worker
+
+    def _worker_spawn_failed(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        self.counters["worker_spawn_failures"] += 1
+        self.worker_spawn_failures += 1
+        self.worker_spawn_error = f"cannot start a worker process: {_spawn_error(exc)}"
+        self.next_worker_spawn = backoff.retry_at(
+            now,
+            self.worker_spawn_failures,
+            self.daemon["backoff_initial"],
+            self.daemon["backoff_max"],
+        )
+        log.error(
+            "spawn_failed",
+            error=self.worker_spawn_error,
+            workers=len([w for w in self.workers.values() if not w.retiring]),
+            retry_in=round(self.next_worker_spawn - now, 3),
+        )
 
     def _on_worker_readable(self, worker: WorkerHandle) -> None:
         assert worker.channel is not None
@@ -549,9 +612,8 @@ class Supervisor:
         else:
             log.info("exited", worker=worker.wid, exit=describe_exit(code))
         self._requeue_from(worker)
-        if self.stopping_since is None and code != EXIT_BOOT:
-            while len([w for w in self.workers.values() if not w.retiring]) < self.n_workers:
-                self._spawn_worker()
+        if code != EXIT_BOOT:
+            self._fill_worker_pool(time.monotonic())
 
     def _reclaim_behind_slow_scans(self, now: float) -> None:
         """Ask each worker whose scan has run past SLOW_SCAN for the items behind it, when
@@ -739,6 +801,8 @@ class Supervisor:
                 worker.rss = rss_bytes(worker.pid)
         if any(w.retiring for w in self.workers.values()):
             return  # one at a time, so the pool never empties
+        if now < self.next_worker_spawn:
+            return  # a replacement could not be started: not before its retry is due
         for worker in self.workers.values():
             reason = None
             if worker.config_generation != self.config_generation:
@@ -752,12 +816,15 @@ class Supervisor:
                 return
 
     def _retire(self, worker: WorkerHandle, reason: str) -> None:
+        # The replacement starts before the old one leaves; if none can start, the old
+        # one keeps working.
+        if self._spawn_worker() is None:
+            return
         worker.retire()
         self.counters["worker_recycles"] += 1
         log.info(
             "recycling", worker=worker.wid, reason=reason, payloads=worker.payloads, rss=worker.rss
         )
-        self._spawn_worker()  # the replacement starts before the old one leaves
         assert worker.channel is not None
         worker.channel.send({"t": "exit"})  # after the items it already holds
 
@@ -929,7 +996,11 @@ class Supervisor:
     # -- control ----------------------------------------------------------------------
 
     def _on_control_accept(self, _: int) -> None:
-        connection = control_server.accept(self.control)
+        try:
+            connection = control_server.accept(self.control)
+        except OSError as exc:  # out of descriptors (EMFILE) or memory
+            self._pause_control(exc)
+            return
         if connection is None:
             return
 
@@ -939,6 +1010,18 @@ class Supervisor:
                 c.close()
 
         self.selector.register(connection, selectors.EVENT_READ, on_readable)
+
+    def _pause_control(self, exc: OSError) -> None:
+        """Stop watching the control socket for CONTROL_PAUSE: the connection waits in its
+        backlog, and a socket still readable would wake the loop again at once."""
+        self.selector.unregister(self.control)
+        self.control_paused_until = time.monotonic() + CONTROL_PAUSE
+        log.error("control_accept_failed", error=str(exc), retry_in=CONTROL_PAUSE)
+
+    def _resume_control(self, now: float) -> None:
+        if self.control_paused_until is not None and now >= self.control_paused_until:
+            self.control_paused_until = None
+            self.selector.register(self.control, selectors.EVENT_READ, self._on_control_accept)
 
     def handle_command(self, request: Dict[str, Any]) -> Dict[str, Any]:
         from .control.commands import dispatch
@@ -1142,6 +1225,15 @@ def _remember(keys: OrderedDict[str, Optional[str]], key: str, scan_id: Optional
     keys.move_to_end(key)
     if len(keys) > _SAVED_KEYS_KEPT:
         keys.popitem(last=False)
+
+
+# What starting a child can raise that is no bug of ours: out of descriptors (EMFILE),
+# processes or memory (EAGAIN, ENOMEM), or the forkserver gone (its pipe ends: EOFError).
+SPAWN_ERRORS = (OSError, EOFError)
+
+
+def _spawn_error(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
 
 
 def _unlink(path: str) -> None:

@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 from .. import __version__
+from ..states import State
 from .protocol import ControlError
 
 if TYPE_CHECKING:
@@ -74,6 +75,12 @@ def status(sup: Supervisor) -> Dict[str, Any]:
             "state": "stopping" if sup.stopping_since is not None else "running",
             "uptime": round(now - sup.started, 3),
             "config": str(sup.config.path) if sup.config.path else None,
+            "workers": sup.n_workers,  # the pool's size; the list below is what runs
+            # Why the pool is short (a worker process could not be started), until one is.
+            "worker_error": sup.worker_spawn_error,
+            "worker_retry_in": (
+                _age(now, sup.next_worker_spawn) if sup.worker_spawn_error is not None else None
+            ),
         },
         "providers": providers,
         "workers": workers,
@@ -97,6 +104,10 @@ def _named(request: Dict[str, Any]) -> str:
 def _start(sup: Supervisor, request: Dict[str, Any]) -> Dict[str, Any]:
     handle = sup.provider(_named(request))
     sup.start_provider(handle)
+    if handle.state is State.BACKOFF or handle.state is State.FATAL:  # no process started
+        raise ControlError(
+            f"provider {handle.name} did not start: {handle.last_error} ({handle.state.value})"
+        )
     return {"message": f"{handle.name}: started"}
 
 

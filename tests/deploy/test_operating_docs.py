@@ -45,7 +45,8 @@ def _full_snapshot() -> Dict:
         "workers": [{"id": 1, "state": "idle"}],
         "queue": {"depth": 0, "max": 100, "in_flight": 0},
         "counters": {"worker_recycles": 0, "worker_kills": 0, "worker_deaths": 0,
-                     "timeouts": 0, "quarantined": 0, "items_given_back": 0},
+                     "timeouts": 0, "quarantined": 0, "items_given_back": 0,
+                     "worker_spawn_failures": 0},
         "scan_seconds": {"hash": {"buckets": [1.0], "counts": [1], "sum": 0.1, "count": 1}},
     }  # fmt: skip
 

@@ -1,0 +1,138 @@
+"""A child process that cannot be started (out of descriptors, processes or memory) is a
+failure the daemon backs off from and retries, never the end of the daemon. The test makes
+it real: the supervisor's own descriptor limit is lowered below what a child needs."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, Tuple
+
+from .helpers import Run, stoqctl, wait_until
+
+TOO_MANY = "[Errno 24] Too many open files"
+
+
+def _limit_descriptors(pid: int, spare: int) -> Tuple[int, int]:
+    """Let ``pid`` open only ``spare`` more descriptors; returns its limits before."""
+    before = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    taken = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    free = [n for n in range(max(taken) + spare + 2) if n not in taken]
+    # Below this limit lie every descriptor open now and exactly ``spare`` free numbers.
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (free[spare], before[1]))
+    return before
+
+
+def _source(status: Dict[str, Any]) -> Dict[str, Any]:
+    return next(p for p in status["providers"] if p["name"] == "source")
+
+
+def _idle_pool(status: Dict[str, Any]) -> bool:
+    return len(status["workers"]) == 2 and all(w["state"] == "idle" for w in status["workers"])
+
+
+def test_a_provider_that_cannot_be_started_backs_off_and_starts_once_it_can(
+    make_run: Callable[..., Run],
+) -> None:
+    run = make_run({
+        "core": {"providers": "source"},
+        "stoqd:source": {"autostart": "false", "backoff_initial": 1, "backoff_max": 1,
+                         "startretries": 100},
+        "source": {"count": 3, "outcomes": "{dir}/outcomes"},
+    })  # fmt: skip
+    daemon = run.start()
+    daemon.wait_for(_idle_pool, what="two idle workers")
+    # One spare descriptor: enough to accept stoqctl's connection, not for a child's pair.
+    before = _limit_descriptors(daemon.pid, spare=1)
+    started = stoqctl("-s", str(daemon.socket), "start", "source")
+    assert (started.returncode, started.stderr) == (
+        1,
+        f"stoqctl: provider source did not start: cannot start its process: {TOO_MANY} (BACKOFF)\n",
+    )
+    status = daemon.status()
+    assert daemon.process.poll() is None
+    assert _source(status)["state"] == "BACKOFF"
+    assert _source(status)["last_error"] == f"cannot start its process: {TOO_MANY}"
+    backoff = [e for e in daemon.events() if e["event"] == "backoff"]
+    assert backoff[0]["exit"] == "not started"
+
+    resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, before)
+    # The retry starts it; it puts its three payloads and returns, which ends the daemon.
+    assert daemon.wait_exit() == 0, daemon.log()
+    assert sorted(run.outcomes()) == [(f"item-{i}", "saved", "-") for i in (1, 2, 3)]
+    assert run.saved_ids() == {f"item-{i}": 1 for i in (1, 2, 3)}
+
+
+def test_a_worker_that_cannot_be_replaced_is_retried_and_the_daemon_stays_up(
+    make_run: Callable[..., Run],
+) -> None:
+    run = make_run({
+        "core": {"providers": "source"},
+        "stoqd": {"backoff_initial": 1, "backoff_max": 1},
+        "source": {"count": 3, "outcomes": "{dir}/outcomes", "hold_file": "{dir}/release"},
+    })  # fmt: skip
+    daemon = run.start()
+    status = daemon.wait_for(lambda s: _idle_pool(s) and _source(s)["saved"] == 3, what="3 saved")
+    victim = status["workers"][0]["pid"]
+    # No spare descriptor: what the dead worker held is all a replacement would get.
+    before = _limit_descriptors(daemon.pid, spare=0)
+    os.kill(victim, signal.SIGKILL)
+    status = daemon.wait_for(
+        lambda s: s["counters"]["worker_spawn_failures"] >= 1, what="a failed worker start"
+    )
+    assert daemon.process.poll() is None
+    assert [w["pid"] for w in status["workers"]] == [status["workers"][0]["pid"]]
+    assert status["workers"][0]["pid"] != victim
+    assert status["daemon"]["worker_error"] == f"cannot start a worker process: {TOO_MANY}"
+    shown = stoqctl("-s", str(daemon.socket), "status")
+    assert f"workers: 1 of 2, error: cannot start a worker process: {TOO_MANY}, retry in" in (
+        shown.stdout
+    )
+    failed = [e for e in daemon.events() if e["event"] == "spawn_failed"]
+    assert failed[0]["error"] == f"cannot start a worker process: {TOO_MANY}"
+    assert failed[0]["workers"] == 1
+
+    resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, before)
+    status = daemon.wait_for(
+        lambda s: len(s["workers"]) == 2 and s["daemon"]["worker_error"] is None,
+        what="the pool filled again",
+    )
+    Path(run.path("release")).touch()
+    assert daemon.wait_exit() == 0, daemon.log()
+    assert run.saved_ids() == {f"item-{i}": 1 for i in (1, 2, 3)}
+
+
+def test_stoqctl_waits_while_the_daemon_is_out_of_descriptors_and_is_answered_after(
+    make_run: Callable[..., Run],
+) -> None:
+    run = make_run({"core": {"providers": "source"},
+                    "source": {"count": 1, "hold_file": "{dir}/release"}})  # fmt: skip
+    daemon = run.start()
+    daemon.wait_for(lambda s: _idle_pool(s) and _source(s)["saved"] == 1, what="1 saved")
+    before = _limit_descriptors(daemon.pid, spare=0)
+    asking = subprocess.Popen(
+        [sys.executable, "-m", "stoqd.ctl", "-s", str(daemon.socket), "status", "--json"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        failed = wait_until(
+            lambda: [e for e in daemon.events() if e["event"] == "control_accept_failed"],
+            what="a failed accept",
+        )
+        assert failed[0]["error"] == TOO_MANY
+        assert asking.poll() is None  # its connection waits in the backlog
+        assert daemon.process.poll() is None
+        resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, before)
+        out, _ = asking.communicate(timeout=30)
+    finally:
+        asking.kill()
+    assert asking.returncode == 0
+    assert json.loads(out)["daemon"]["pid"] == daemon.pid
+    Path(run.path("release")).touch()
+    assert daemon.wait_exit() == 0, daemon.log()
