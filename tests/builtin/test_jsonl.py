@@ -203,3 +203,28 @@ def test_writers_killed_mid_write_leave_no_line_glued_to_the_next(load, tmp_path
     assert len(parts) == cut_short
     assert all(part.startswith(b'{"time":') for part in parts)
     assert sum(1 for line in whole if "filler" not in line["request_meta"]["extra_data"]) == kills
+
+
+def _empty_response() -> StoqResponse:
+    return StoqResponse(results=[], request_meta=RequestMeta(), errors=new_errors())
+
+
+def test_a_file_renamed_by_log_rotation_is_followed_by_the_next_result(load, tmp_path):
+    output = tmp_path / "results.jsonl"
+    connector = load("jsonl", output_file=str(output))
+    before, after = _empty_response(), _empty_response()
+    connector.save(before)
+    output.rename(tmp_path / "results.jsonl.1")  # what logrotate does, without copytruncate
+    connector.save(after)
+    assert json.loads((tmp_path / "results.jsonl.1").read_text())["scan_id"] == before.scan_id
+    assert json.loads(output.read_text())["scan_id"] == after.scan_id
+
+
+def test_a_removed_file_is_created_again_by_the_next_result(load, tmp_path):
+    output = tmp_path / "results.jsonl"
+    connector = load("jsonl", output_file=str(output))
+    connector.save(_empty_response())
+    output.unlink()
+    response = _empty_response()
+    connector.save(response)
+    assert json.loads(output.read_text())["scan_id"] == response.scan_id
