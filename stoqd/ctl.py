@@ -39,18 +39,31 @@ def request(path: str, message: Dict[str, Any], timeout: float = 10.0) -> Dict[s
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        sock.connect(path)
-        sock.sendall(encode(message))
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise DaemonDown(
+                f"stoqd is not running (cannot connect to {path}: {exc.strerror or exc})"
+            ) from None
         data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(1 << 16)
-            if not chunk:
-                break
-            data += chunk
-    except OSError as exc:
-        raise DaemonDown(
-            f"stoqd is not running (cannot connect to {path}: {exc.strerror or exc})"
-        ) from None
+        try:
+            sock.sendall(encode(message))
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError:
+            # Connected, so it runs; one out of descriptors leaves the connection in its
+            # backlog, and the request may still be carried out once it is read.
+            raise DaemonDown(
+                f"stoqd did not answer on {path} within {timeout:g} s; "
+                "the request may still be carried out"
+            ) from None
+        except OSError as exc:  # it died meanwhile
+            raise DaemonDown(
+                f"stoqd closed the connection on {path} without answering: {exc.strerror or exc}"
+            ) from None
     finally:
         sock.close()
     if not data:
@@ -161,10 +174,10 @@ def render(status: Dict[str, Any]) -> str:
     lines += ["", _table(rows)]
     if daemon.get("worker_error"):
         retry = daemon.get("worker_retry_in")
+        working = [w for w in status["workers"] if w["state"] != "retiring"]
         lines += [
             "",
-            f"workers: {len(status['workers'])} of {daemon['workers']}, "
-            f"error: {daemon['worker_error']}"
+            f"workers: {len(working)} of {daemon['workers']}, error: {daemon['worker_error']}"
             + (f", retry in {max(0.0, retry):.1f}s" if retry is not None else ""),
         ]
     queue = status["queue"]

@@ -52,8 +52,13 @@ PREFETCH_MIN = 4
 # broker, more than the naps cost in idle moments (the A/B runs in bench/README.md: 16
 # with 1 ms beat 8 with 0.5 ms, and 16 or 32 with 2 ms).
 NAP = 0.001
-# How long the control socket goes unwatched after accepting a connection failed.
+# How long the control socket goes unwatched after accepting a connection failed (out of
+# descriptors), doubling while it keeps failing: a stoqctl waits in the backlog meanwhile.
 CONTROL_PAUSE = 0.5
+CONTROL_PAUSE_MAX = 8.0
+# The shortest wait before starting a worker again after a start failed (backoff_initial
+# may be 0, which suits a provider's startretries-bounded restarts, not an endless retry).
+WORKER_RETRY_MIN = 0.1
 # A scan running this long is slow: its worker gets nothing more, and gives back what waits
 # behind it, for another worker (see _reclaim_behind_slow_scans). Far above the time an
 # item takes to reach a worker, which the prefetch hides, so little is lost by waiting.
@@ -119,8 +124,10 @@ class Supervisor:
         self.worker_spawn_error: Optional[str] = None
         self.worker_spawn_failures = 0
         self.next_worker_spawn = 0.0
-        # While the control socket is not watched (out of descriptors): until when.
+        # While the control socket is not watched (out of descriptors): until when, and
+        # for how long after the next failure.
         self.control_paused_until: Optional[float] = None
+        self.control_pause = CONTROL_PAUSE
         self.scan_seconds: Dict[str, Dict[str, Any]] = {}  # see _record_timings
         self.last_rss_check = 0.0
         self.hooks: List[Any] = []  # objects with on_ready/on_tick/on_stopping/on_reload
@@ -232,7 +239,7 @@ class Supervisor:
             for handle in self.providers.values():
                 if handle.next_retry and handle.next_retry < soonest:
                     soonest = handle.next_retry
-            if self.worker_spawn_error is not None and self.next_worker_spawn < soonest:
+            if self.worker_spawn_error is not None and now < self.next_worker_spawn < soonest:
                 soonest = self.next_worker_spawn
         if self.control_paused_until is not None and self.control_paused_until < soonest:
             soonest = self.control_paused_until
@@ -292,10 +299,10 @@ class Supervisor:
             channel = handle.spawn(
                 self.ctx, provider_main, handle.name, self.spec, self.child_settings
             )
-        except SPAWN_ERRORS as exc:
-            # Out of descriptors or processes: a failed start, backed off and retried as
-            # a crash is (FATAL after startretries), never the end of the daemon.
-            handle.last_error = f"cannot start its process: {_spawn_error(exc)}"
+        except OSError as exc:
+            # Out of descriptors (see _spawn_worker): a failed start, backed off and
+            # retried as a crash is (FATAL after startretries), not the end of the daemon.
+            handle.last_error = f"cannot start its process: {exc}"
             self._provider_crashed(handle, "not started", time.monotonic())
             return
         channel.on_close = self._forget
@@ -510,23 +517,33 @@ class Supervisor:
         could not be started, not before the retry is due (backoff_initial, backoff_max)."""
         if self.stopping_since is not None or now < self.next_worker_spawn:
             return
-        while len([w for w in self.workers.values() if not w.retiring]) < self.n_workers:
+        while self._pool_size() < self.n_workers:
             if self._spawn_worker() is None:
                 return
+        # Full: an error left by a recycling whose replacement could not start is past,
+        # should that recycling no longer be wanted (its backoff stays until one starts).
+        self.worker_spawn_error = None
+
+    def _pool_size(self) -> int:
+        return len([w for w in self.workers.values() if not w.retiring])
 
     def _spawn_worker(self) -> Optional[WorkerHandle]:
-        """A new worker, or None when no process could be started (logged, retried)."""
+        """A new worker, or None when no process could be started (logged, retried).
+
+        OSError: out of descriptors (EMFILE) for the socketpair, or for the connection
+        and pipes that ask the forkserver for a process. A fork that fails inside the
+        forkserver (out of processes or memory) ends the forkserver, and with it every
+        child's exit report: that EOFError is not caught, and ends the daemon as before.
+        """
         self.next_wid += 1
         worker = WorkerHandle(wid=self.next_wid, config_generation=self.config_generation)
         try:
             channel = worker.spawn(
                 self.ctx, worker_main, worker.wid, self.spec, self.child_settings
             )
-        except SPAWN_ERRORS as exc:
+        except OSError as exc:
             self._worker_spawn_failed(exc)
             return None
-        self.worker_spawn_error = None
-        self.worker_spawn_failures = 0
         channel.on_close = self._forget
         self.workers[worker.wid] = worker
         self.selector.register(
@@ -538,23 +555,26 @@ class Supervisor:
             lambda _, w=worker: self._on_worker_exit(w),
         )
         log.info("spawned", worker=worker.wid, child_pid=worker.pid)
+        if self._pool_size() >= self.n_workers:  # the backoff grows until the pool is whole
+            self.worker_spawn_error = None
+            self.worker_spawn_failures = 0
         return worker
 
-    def _worker_spawn_failed(self, exc: BaseException) -> None:
+    def _worker_spawn_failed(self, exc: OSError) -> None:
         now = time.monotonic()
         self.counters["worker_spawn_failures"] += 1
         self.worker_spawn_failures += 1
-        self.worker_spawn_error = f"cannot start a worker process: {_spawn_error(exc)}"
+        self.worker_spawn_error = f"cannot start a worker process: {exc}"
         self.next_worker_spawn = backoff.retry_at(
             now,
             self.worker_spawn_failures,
-            self.daemon["backoff_initial"],
-            self.daemon["backoff_max"],
+            max(WORKER_RETRY_MIN, self.daemon["backoff_initial"]),
+            max(WORKER_RETRY_MIN, self.daemon["backoff_max"]),
         )
         log.error(
             "spawn_failed",
             error=self.worker_spawn_error,
-            workers=len([w for w in self.workers.values() if not w.retiring]),
+            workers=self._pool_size(),
             retry_in=round(self.next_worker_spawn - now, 3),
         )
 
@@ -1003,6 +1023,7 @@ class Supervisor:
             return
         if connection is None:
             return
+        self.control_pause = CONTROL_PAUSE
 
         def on_readable(_: int, c: control_server.Connection = connection) -> None:
             if c.read(self.handle_command):
@@ -1012,11 +1033,12 @@ class Supervisor:
         self.selector.register(connection, selectors.EVENT_READ, on_readable)
 
     def _pause_control(self, exc: OSError) -> None:
-        """Stop watching the control socket for CONTROL_PAUSE: the connection waits in its
+        """Stop watching the control socket for a while: the connection waits in its
         backlog, and a socket still readable would wake the loop again at once."""
         self.selector.unregister(self.control)
-        self.control_paused_until = time.monotonic() + CONTROL_PAUSE
-        log.error("control_accept_failed", error=str(exc), retry_in=CONTROL_PAUSE)
+        self.control_paused_until = time.monotonic() + self.control_pause
+        log.error("control_accept_failed", error=str(exc), retry_in=self.control_pause)
+        self.control_pause = min(CONTROL_PAUSE_MAX, self.control_pause * 2)
 
     def _resume_control(self, now: float) -> None:
         if self.control_paused_until is not None and now >= self.control_paused_until:
@@ -1225,15 +1247,6 @@ def _remember(keys: OrderedDict[str, Optional[str]], key: str, scan_id: Optional
     keys.move_to_end(key)
     if len(keys) > _SAVED_KEYS_KEPT:
         keys.popitem(last=False)
-
-
-# What starting a child can raise that is no bug of ours: out of descriptors (EMFILE),
-# processes or memory (EAGAIN, ENOMEM), or the forkserver gone (its pipe ends: EOFError).
-SPAWN_ERRORS = (OSError, EOFError)
-
-
-def _spawn_error(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
 
 
 def _unlink(path: str) -> None:

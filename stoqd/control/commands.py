@@ -11,6 +11,7 @@ from ..states import State
 from .protocol import ControlError
 
 if TYPE_CHECKING:
+    from ..children import ProviderHandle
     from ..supervisor import Supervisor
 
 
@@ -104,11 +105,16 @@ def _named(request: Dict[str, Any]) -> str:
 def _start(sup: Supervisor, request: Dict[str, Any]) -> Dict[str, Any]:
     handle = sup.provider(_named(request))
     sup.start_provider(handle)
-    if handle.state is State.BACKOFF or handle.state is State.FATAL:  # no process started
+    _check_started(handle)
+    return {"message": f"{handle.name}: started"}
+
+
+def _check_started(handle: ProviderHandle) -> None:
+    """A start that could not even create the process says so (it is retried as a crash)."""
+    if handle.state is State.BACKOFF or handle.state is State.FATAL:
         raise ControlError(
             f"provider {handle.name} did not start: {handle.last_error} ({handle.state.value})"
         )
-    return {"message": f"{handle.name}: started"}
 
 
 def _stop(sup: Supervisor, request: Dict[str, Any]) -> Dict[str, Any]:
@@ -122,6 +128,7 @@ def _stop(sup: Supervisor, request: Dict[str, Any]) -> Dict[str, Any]:
 def _restart(sup: Supervisor, request: Dict[str, Any]) -> Dict[str, Any]:
     handle = sup.provider(_named(request))
     sup.restart_provider(handle)
+    _check_started(handle)  # (one not running is started at once)
     return {"message": f"{handle.name}: restarting"}
 
 

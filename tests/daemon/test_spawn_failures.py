@@ -10,8 +10,9 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Set, Tuple
 
 from .helpers import Run, stoqctl, wait_until
 
@@ -21,10 +22,15 @@ TOO_MANY = "[Errno 24] Too many open files"
 def _limit_descriptors(pid: int, spare: int) -> Tuple[int, int]:
     """Let ``pid`` open only ``spare`` more descriptors; returns its limits before."""
     before = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    taken = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
-    free = [n for n in range(max(taken) + spare + 2) if n not in taken]
-    # Below this limit lie every descriptor open now and exactly ``spare`` free numbers.
-    resource.prlimit(pid, resource.RLIMIT_NOFILE, (free[spare], before[1]))
+    taken: Set[int] = set()
+    # Until what is open holds still (a stoqctl connection just answered may be closing).
+    while taken != (now := {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}):
+        taken = now
+        free = [n for n in range(max(taken) + spare + 2) if n not in taken]
+        # Below this limit: exactly ``spare`` numbers that are free (new descriptors take
+        # the lowest free number, so none can be opened beyond those).
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (free[spare], before[1]))
+        time.sleep(0.2)
     return before
 
 
@@ -60,6 +66,11 @@ def test_a_provider_that_cannot_be_started_backs_off_and_starts_once_it_can(
     assert _source(status)["last_error"] == f"cannot start its process: {TOO_MANY}"
     backoff = [e for e in daemon.events() if e["event"] == "backoff"]
     assert backoff[0]["exit"] == "not started"
+    restarted = stoqctl("-s", str(daemon.socket), "restart", "source")
+    assert restarted.returncode == 1
+    assert restarted.stderr.startswith(
+        f"stoqctl: provider source did not start: cannot start its process: {TOO_MANY}"
+    )
 
     resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, before)
     # The retry starts it; it puts its three payloads and returns, which ends the daemon.
@@ -79,7 +90,7 @@ def test_a_worker_that_cannot_be_replaced_is_retried_and_the_daemon_stays_up(
     daemon = run.start()
     status = daemon.wait_for(lambda s: _idle_pool(s) and _source(s)["saved"] == 3, what="3 saved")
     victim = status["workers"][0]["pid"]
-    # No spare descriptor: what the dead worker held is all a replacement would get.
+    # No spare descriptor: what the dead worker held is all a replacement could get.
     before = _limit_descriptors(daemon.pid, spare=0)
     os.kill(victim, signal.SIGKILL)
     status = daemon.wait_for(
@@ -126,8 +137,13 @@ def test_stoqctl_waits_while_the_daemon_is_out_of_descriptors_and_is_answered_af
             what="a failed accept",
         )
         assert failed[0]["error"] == TOO_MANY
+        time.sleep(1.5)
         assert asking.poll() is None  # its connection waits in the backlog
         assert daemon.process.poll() is None
+        # Tried again after 0.5 s, then 1 s: not in a loop that spins on the socket.
+        retries = [e for e in daemon.events() if e["event"] == "control_accept_failed"]
+        assert [e["retry_in"] for e in retries][:2] == [0.5, 1.0]
+        assert len(retries) <= 4
         resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, before)
         out, _ = asking.communicate(timeout=30)
     finally:
