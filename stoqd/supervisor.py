@@ -532,8 +532,9 @@ class Supervisor:
 
         OSError: out of descriptors (EMFILE) for the socketpair, or for the connection
         and pipes that ask the forkserver for a process. A fork that fails inside the
-        forkserver (out of processes or memory) ends the forkserver, and with it every
-        child's exit report: that EOFError is not caught, and ends the daemon as before.
+        forkserver (out of processes or memory) ends the forkserver, and every child with
+        it (they die with their parent, PR_SET_PDEATHSIG): that EOFError is not caught,
+        and ends the daemon, as before.
         """
         self.next_wid += 1
         worker = WorkerHandle(wid=self.next_wid, config_generation=self.config_generation)

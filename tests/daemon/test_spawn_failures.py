@@ -1,6 +1,8 @@
-"""A child process that cannot be started (out of descriptors, processes or memory) is a
-failure the daemon backs off from and retries, never the end of the daemon. The test makes
-it real: the supervisor's own descriptor limit is lowered below what a child needs."""
+"""Children the system fails. One that cannot be started (the supervisor out of
+descriptors: its own limit is lowered below what a child needs) is backed off from and
+retried, never the end of the daemon; nor is a control connection it cannot accept. When
+multiprocessing's forkserver is killed, every child dies with it (PR_SET_PDEATHSIG) and
+is replaced: none is left running beside its replacement."""
 
 from __future__ import annotations
 
@@ -151,4 +153,47 @@ def test_stoqctl_waits_while_the_daemon_is_out_of_descriptors_and_is_answered_af
     assert asking.returncode == 0
     assert json.loads(out)["daemon"]["pid"] == daemon.pid
     Path(run.path("release")).touch()
+    assert daemon.wait_exit() == 0, daemon.log()
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] not in (b"Z", b"X")
+
+
+def _forkserver(daemon_pid: int) -> int:
+    for pid in map(int, Path(f"/proc/{daemon_pid}/task/{daemon_pid}/children").read_text().split()):
+        if b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return pid
+    raise AssertionError(f"no forkserver among the children of {daemon_pid}")
+
+
+def test_children_die_with_a_killed_forkserver_and_are_replaced(
+    make_run: Callable[..., Run],
+) -> None:
+    run = make_run({"core": {"providers": "hang"}})
+    daemon = run.start()
+    status = daemon.wait_for(
+        lambda s: _idle_pool(s) and s["providers"][0]["state"] == "RUNNING",
+        what="hang RUNNING and two idle workers",
+    )
+    old = [w["pid"] for w in status["workers"]] + [status["providers"][0]["pid"]]
+    os.kill(_forkserver(daemon.pid), signal.SIGKILL)
+    # Every child dies with its parent, the forkserver, and is replaced (by a new one).
+    status = daemon.wait_for(
+        lambda s: (
+            _idle_pool(s)
+            and s["providers"][0]["state"] == "RUNNING"
+            and not {w["pid"] for w in s["workers"]} & set(old)
+            and s["providers"][0]["pid"] not in old
+        ),
+        what="a new pool and provider",
+    )
+    assert not [pid for pid in old if _running(pid)]
+    assert daemon.process.poll() is None
+    daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit() == 0, daemon.log()
