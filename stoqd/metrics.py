@@ -28,6 +28,7 @@ import logging
 import math
 import re
 import threading
+import time
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from prometheus_client import start_http_server
@@ -44,6 +45,8 @@ from prometheus_client.utils import floatToGoString
 from .states import State
 
 log = logging.getLogger("stoqd.metrics")
+# How long the endpoint's thread waits after it could not accept a connection.
+ACCEPT_PAUSE = 0.5
 
 Snapshot = Mapping[str, Any]
 
@@ -293,10 +296,29 @@ def start_metrics_server(address: str, snapshot: Callable[[], Snapshot]) -> Metr
         server, thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
         raise MetricsError(f"metrics_address {address!r}: cannot listen: {exc}") from None
+    _pause_after_failed_accepts(server)
     running = MetricsServer(server, thread)
     host, port = running.address
     log.info("metrics endpoint listening on http://%s/metrics", _join(host, port))
     return running
+
+
+def _pause_after_failed_accepts(server: Any) -> None:
+    """socketserver drops a failed ``accept`` and selects again at once; out of
+    descriptors (EMFILE) the connection stays pending, and its thread would spin a core
+    until one is free. It waits ACCEPT_PAUSE instead (it is the endpoint's own thread)."""
+    accept = server.get_request
+
+    def get_request() -> Any:
+        try:
+            return accept()
+        except OSError as exc:
+            log.error("metrics endpoint cannot accept a connection: %s; retry in %ss",
+                      exc, ACCEPT_PAUSE)  # fmt: skip
+            time.sleep(ACCEPT_PAUSE)
+            raise
+
+    server.get_request = get_request
 
 
 def _join(host: str, port: int) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import resource
 import socket
 import time
 import urllib.request
@@ -120,6 +122,46 @@ def test_failing_snapshot_reports_zero_and_warns_once(caplog: pytest.LogCaptureF
     assert [r.getMessage() for r in caplog.records if r.name == "stoqd.metrics"] == [
         "metrics: cannot read the status snapshot: supervisor is gone"
     ]
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_a_connection_it_cannot_accept_waits_without_spinning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with start_metrics_server("127.0.0.1:0", _snapshot) as server:
+        client = socket.socket()  # its descriptor before the limit; connecting needs none
+        before = resource.getrlimit(resource.RLIMIT_NOFILE)
+        listed = {int(fd) for fd in os.listdir("/proc/self/fd")}
+        taken = {fd for fd in listed if _is_open(fd)}  # not the listing's own, closed now
+        lowest_free = min(n for n in range(max(taken) + 2) if n not in taken)
+        try:
+            with caplog.at_level(logging.ERROR, logger="stoqd.metrics"):
+                # No descriptor is left for this process, the endpoint's thread included.
+                resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, before[1]))
+                try:
+                    client.connect(server.address)  # completed by the kernel, not accepted
+                    time.sleep(1.2)
+                finally:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, before)
+            failures = [r.getMessage() for r in caplog.records if r.name == "stoqd.metrics"]
+            # Tried again every 0.5 s, not in a loop spinning on the socket.
+            assert 1 <= len(failures) <= 4, failures
+            assert failures[0] == (
+                "metrics endpoint cannot accept a connection: [Errno 24] Too many open "
+                "files; retry in 0.5s"
+            )
+            client.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            client.settimeout(10)
+            assert client.recv(12) == b"HTTP/1.0 200"
+        finally:
+            client.close()
 
 
 def test_malformed_parts_are_left_out() -> None:
