@@ -14,7 +14,7 @@ import socket
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
 from .states import State
 from .wire import Channel, encode_header, with_number
@@ -56,6 +56,30 @@ class Item:
         return encode_header(header)
 
 
+# Descriptors a forkserver start opens at once: its connection and two pipes.
+FORKSERVER_START_FDS = 5
+
+
+def check_descriptor_room(count: int) -> None:
+    """OSError (EMFILE) unless ``count`` more descriptors can be opened now.
+
+    multiprocessing's forkserver start connects first and opens its two pipes after; a
+    pipe that cannot be opened closes the connection with nothing sent, which ends the
+    forkserver, and every child with it (they die with their parent). Failing here
+    first leaves them running. (Another thread of this process, the metrics endpoint's,
+    may take a descriptor in between: rare, and only ever one at a time.)
+    """
+    opened: List[int] = []
+    try:
+        for _ in range(count):
+            opened.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as exc:  # as the socketpair's would read: not naming /dev/null
+        raise OSError(exc.errno, exc.strerror) from None
+    finally:
+        for fd in opened:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def _pair_for_child() -> Iterator[Tuple[socket.socket, socket.socket]]:
     """A socketpair (ours, theirs) for a child started in the block. Theirs is closed at
@@ -82,6 +106,7 @@ class Child:
     def spawn(self, ctx: Any, target: Callable[..., None], *args: Any) -> Channel:
         with _pair_for_child() as (ours, theirs):
             process = ctx.Process(target=target, args=(*args[:1], theirs, *args[1:]), daemon=False)
+            check_descriptor_room(FORKSERVER_START_FDS)
             process.start()
         self.process = process
         self.channel = Channel(ours)

@@ -41,6 +41,11 @@ def request(path: str, message: Dict[str, Any], timeout: float = 10.0) -> Dict[s
     try:
         try:
             sock.connect(path)
+        except BlockingIOError:  # EAGAIN: connections wait unaccepted, up to the backlog
+            raise DaemonDown(
+                f"stoqd on {path} is not accepting connections (its backlog is full: out of "
+                "descriptors?); the request was not sent"
+            ) from None
         except OSError as exc:
             raise DaemonDown(
                 f"stoqd is not running (cannot connect to {path}: {exc.strerror or exc})"

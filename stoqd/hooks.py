@@ -49,7 +49,8 @@ class SystemdHook:
             notify.watchdog()  # from the loop itself: a stuck loop stops the pings
         if self.reloading:
             self.reloading = False
-            notify.ready(_status_line(sup))
+            if sup.ready_sent:  # (before the first READY, that one says it)
+                notify.ready(_status_line(sup))
         if sup.ready_sent and now - self.last_status >= STATUS_EVERY:
             self.last_status = now
             notify.status(_status_line(sup))

@@ -24,6 +24,7 @@ Prometheus counts); ``count`` includes the ones above the last bound.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import re
@@ -45,8 +46,11 @@ from prometheus_client.utils import floatToGoString
 from .states import State
 
 log = logging.getLogger("stoqd.metrics")
-# How long the endpoint's thread waits after it could not accept a connection.
+# How long the endpoint's thread waits after it could not accept a connection (out of
+# descriptors or memory), doubling while it keeps failing.
 ACCEPT_PAUSE = 0.5
+ACCEPT_PAUSE_MAX = 8.0
+_SHORT_OF = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 Snapshot = Mapping[str, Any]
 
@@ -306,17 +310,24 @@ def start_metrics_server(address: str, snapshot: Callable[[], Snapshot]) -> Metr
 def _pause_after_failed_accepts(server: Any) -> None:
     """socketserver drops a failed ``accept`` and selects again at once; out of
     descriptors (EMFILE) the connection stays pending, and its thread would spin a core
-    until one is free. It waits ACCEPT_PAUSE instead (it is the endpoint's own thread)."""
+    until one is free. It waits instead (it is the endpoint's own thread): ACCEPT_PAUSE,
+    doubling up to ACCEPT_PAUSE_MAX while accepting keeps failing."""
     accept = server.get_request
+    pause = [ACCEPT_PAUSE]  # the next wait; only the endpoint's thread uses it
 
     def get_request() -> Any:
         try:
-            return accept()
+            request = accept()
         except OSError as exc:
+            if exc.errno not in _SHORT_OF:
+                raise
             log.error("metrics endpoint cannot accept a connection: %s; retry in %ss",
-                      exc, ACCEPT_PAUSE)  # fmt: skip
-            time.sleep(ACCEPT_PAUSE)
+                      exc, pause[0])  # fmt: skip
+            time.sleep(pause[0])
+            pause[0] = min(ACCEPT_PAUSE_MAX, pause[0] * 2)
             raise
+        pause[0] = ACCEPT_PAUSE
+        return request
 
     server.get_request = get_request
 

@@ -267,7 +267,7 @@ class Supervisor:
     def _all_up(self) -> bool:
         # (A pool short of workers that could not be started is not up.)
         workers = self.workers.values()
-        workers_up = len(workers) >= self.n_workers and all(w.ready for w in workers)
+        workers_up = self._pool_size() >= self.n_workers and all(w.ready for w in workers)
         providers_up = all(p.state is not State.STARTING for p in self.providers.values())
         return workers_up and providers_up
 
@@ -299,10 +299,10 @@ class Supervisor:
             channel = handle.spawn(
                 self.ctx, provider_main, handle.name, self.spec, self.child_settings
             )
-        except OSError as exc:
+        except SPAWN_ERRORS as exc:
             # Out of descriptors (see _spawn_worker): a failed start, backed off and
             # retried as a crash is (FATAL after startretries), not the end of the daemon.
-            handle.last_error = f"cannot start its process: {exc}"
+            handle.last_error = f"cannot start its process: {_spawn_error(exc)}"
             self._provider_crashed(handle, "not started", time.monotonic())
             return
         channel.on_close = self._forget
@@ -530,21 +530,17 @@ class Supervisor:
     def _spawn_worker(self) -> Optional[WorkerHandle]:
         """A new worker, or None when no process could be started (logged, retried).
 
-        OSError: out of descriptors (EMFILE) for the socketpair, or for the connection
-        and pipes that ask the forkserver for a process. A fork that fails inside the
-        forkserver (out of processes or memory) ends the forkserver, and every child with
-        it (they die with their parent, PR_SET_PDEATHSIG): that EOFError is not caught,
-        and ends the daemon, as before.
+        See SPAWN_ERRORS for what a start can run into.
         """
-        self.next_wid += 1
-        worker = WorkerHandle(wid=self.next_wid, config_generation=self.config_generation)
+        worker = WorkerHandle(wid=self.next_wid + 1, config_generation=self.config_generation)
         try:
             channel = worker.spawn(
                 self.ctx, worker_main, worker.wid, self.spec, self.child_settings
             )
-        except OSError as exc:
+        except SPAWN_ERRORS as exc:
             self._worker_spawn_failed(exc)
             return None
+        self.next_wid = worker.wid
         channel.on_close = self._forget
         self.workers[worker.wid] = worker
         self.selector.register(
@@ -561,17 +557,18 @@ class Supervisor:
             self.worker_spawn_failures = 0
         return worker
 
-    def _worker_spawn_failed(self, exc: OSError) -> None:
+    def _worker_spawn_failed(self, exc: BaseException) -> None:
         now = time.monotonic()
         self.counters["worker_spawn_failures"] += 1
         self.worker_spawn_failures += 1
-        self.worker_spawn_error = f"cannot start a worker process: {exc}"
-        self.next_worker_spawn = backoff.retry_at(
+        self.worker_spawn_error = f"cannot start a worker process: {_spawn_error(exc)}"
+        retry = backoff.retry_at(
             now,
             self.worker_spawn_failures,
-            max(WORKER_RETRY_MIN, self.daemon["backoff_initial"]),
-            max(WORKER_RETRY_MIN, self.daemon["backoff_max"]),
+            self.daemon["backoff_initial"],
+            self.daemon["backoff_max"],
         )
+        self.next_worker_spawn = max(now + WORKER_RETRY_MIN, retry)
         log.error(
             "spawn_failed",
             error=self.worker_spawn_error,
@@ -1248,6 +1245,20 @@ def _remember(keys: OrderedDict[str, Optional[str]], key: str, scan_id: Optional
     keys.move_to_end(key)
     if len(keys) > _SAVED_KEYS_KEPT:
         keys.popitem(last=False)
+
+
+# What starting a child can run into that is no bug of ours. OSError: out of descriptors
+# (EMFILE) for the socketpairs, or for what asks the forkserver for a process (checked
+# before it is asked: see children.check_descriptor_room). EOFError (or a BrokenPipeError):
+# the forkserver died (a fork failing inside it, out of processes or memory; killed), and
+# every child with it (PR_SET_PDEATHSIG); they are started again through a new one.
+SPAWN_ERRORS = (OSError, EOFError)
+
+
+def _spawn_error(exc: BaseException) -> str:
+    if isinstance(exc, EOFError):
+        return "multiprocessing's forkserver died while starting it (out of processes or memory?)"
+    return str(exc)
 
 
 def _unlink(path: str) -> None:
