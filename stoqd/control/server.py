@@ -35,13 +35,17 @@ def _remove_stale(path: str) -> None:
     if not stat.S_ISSOCK(mode):  # never remove what is not ours: a typo must not cost a file
         raise SocketError(f"{path}: exists and is not a socket; not replacing it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # With a timeout the connect does not wait for room in the backlog of a daemon that
+    # is not accepting (out of descriptors): EAGAIN at once, which is a live one too.
+    probe.settimeout(5.0)
     try:
         probe.connect(path)
     except OSError as exc:
         if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
             os.unlink(path)  # left behind by a run that did not exit cleanly
             return
-        raise
+        if exc.errno != errno.EAGAIN:
+            raise
     finally:
         probe.close()
     raise SocketInUse(f"control socket {path} is in use by a running stoqd")

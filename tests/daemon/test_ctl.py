@@ -13,7 +13,9 @@ import socket
 import stat
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List
+
+from stoqd.control import server as control_server
 
 from .helpers import Run, stoqctl, wait_stubborn_asleep
 
@@ -246,6 +248,43 @@ def test_a_stale_socket_file_nobody_listens_on_is_replaced(make_run: Callable[..
         sock.bind(str(stale))  # bound, never listening, then closed: the file stays
     daemon = run.start()
     assert _running(run)["daemon"]["pid"] == daemon.pid
+
+
+def test_a_live_socket_with_a_full_backlog_is_in_use_not_waited_on(tmp_path: Path) -> None:
+    # What a daemon out of descriptors looks like from outside: it listens, accepts none.
+    path = str(tmp_path / "busy.sock")
+    busy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    busy.bind(path)
+    busy.listen(1)
+    waiting = []
+    try:
+        while True:  # fill its backlog
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.setblocking(False)
+            waiting.append(client)
+            try:
+                client.connect(path)
+            except BlockingIOError:
+                break
+        outcome: List[BaseException] = []
+
+        def probe() -> None:
+            try:
+                control_server.listen(path)
+            except BaseException as exc:  # what it raised is the outcome
+                outcome.append(exc)
+
+        thread = threading.Thread(target=probe, daemon=True)
+        thread.start()
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "listen() waits for room in another daemon's backlog"
+        assert [type(e) for e in outcome] == [control_server.SocketInUse]
+        assert str(outcome[0]) == f"control socket {path} is in use by a running stoqd"
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)  # kept
+    finally:
+        for client in waiting:
+            client.close()
+        busy.close()
 
 
 def test_a_control_socket_path_holding_a_file_is_refused_and_kept(
