@@ -19,8 +19,13 @@ def delay(
     """
     if failures <= 0:
         return 0.0
-    nominal = min(cap, initial * (2 ** min(failures - 1, 62)))
-    return nominal * (0.5 + 0.5 * rand())
+    return doubled(failures, initial, cap) * (0.5 + 0.5 * rand())
+
+
+def doubled(failures: int, initial: float, cap: float) -> float:
+    """``initial * 2**(failures-1)``, capped at ``cap``: the nominal delay, no jitter
+    (for a pause within this process, where nothing runs in lockstep with it)."""
+    return min(cap, initial * (2 ** min(max(failures, 1) - 1, 62)))
 
 
 def retry_at(

@@ -43,6 +43,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from . import backoff
 from .states import State
 
 log = logging.getLogger("stoqd.metrics")
@@ -313,7 +314,7 @@ def _pause_after_failed_accepts(server: Any) -> None:
     until one is free. It waits instead (it is the endpoint's own thread): ACCEPT_PAUSE,
     doubling up to ACCEPT_PAUSE_MAX while accepting keeps failing."""
     accept = server.get_request
-    pause = [ACCEPT_PAUSE]  # the next wait; only the endpoint's thread uses it
+    failures = [0]  # in a row; only the endpoint's thread uses it
 
     def get_request() -> Any:
         try:
@@ -321,12 +322,13 @@ def _pause_after_failed_accepts(server: Any) -> None:
         except OSError as exc:
             if exc.errno not in _SHORT_OF:
                 raise
+            failures[0] += 1
+            pause = backoff.doubled(failures[0], ACCEPT_PAUSE, ACCEPT_PAUSE_MAX)
             log.error("metrics endpoint cannot accept a connection: %s; retry in %ss",
-                      exc, pause[0])  # fmt: skip
-            time.sleep(pause[0])
-            pause[0] = min(ACCEPT_PAUSE_MAX, pause[0] * 2)
+                      exc, pause)  # fmt: skip
+            time.sleep(pause)
             raise
-        pause[0] = ACCEPT_PAUSE
+        failures[0] = 0
         return request
 
     server.get_request = get_request

@@ -122,12 +122,12 @@ class Supervisor:
         # After a worker could not be started: why, how many times in a row, and when
         # the pool is filled again (see _fill_worker_pool).
         self.worker_spawn_error: Optional[str] = None
-        self.worker_spawn_failures = 0
+        self.worker_spawn_failures_in_a_row = 0
         self.next_worker_spawn = 0.0
         # While the control socket is not watched (out of descriptors): until when, and
-        # for how long after the next failure.
+        # how many accepts in a row failed.
         self.control_paused_until: Optional[float] = None
-        self.control_pause = CONTROL_PAUSE
+        self.control_accept_failures = 0
         self.scan_seconds: Dict[str, Dict[str, Any]] = {}  # see _record_timings
         self.last_rss_check = 0.0
         self.hooks: List[Any] = []  # objects with on_ready/on_tick/on_stopping/on_reload
@@ -554,17 +554,17 @@ class Supervisor:
         log.info("spawned", worker=worker.wid, child_pid=worker.pid)
         if self._pool_size() >= self.n_workers:  # the backoff grows until the pool is whole
             self.worker_spawn_error = None
-            self.worker_spawn_failures = 0
+            self.worker_spawn_failures_in_a_row = 0
         return worker
 
     def _worker_spawn_failed(self, exc: BaseException) -> None:
         now = time.monotonic()
         self.counters["worker_spawn_failures"] += 1
-        self.worker_spawn_failures += 1
+        self.worker_spawn_failures_in_a_row += 1
         self.worker_spawn_error = f"cannot start a worker process: {_spawn_error(exc)}"
         retry = backoff.retry_at(
             now,
-            self.worker_spawn_failures,
+            self.worker_spawn_failures_in_a_row,
             self.daemon["backoff_initial"],
             self.daemon["backoff_max"],
         )
@@ -1021,7 +1021,7 @@ class Supervisor:
             return
         if connection is None:
             return
-        self.control_pause = CONTROL_PAUSE
+        self.control_accept_failures = 0
 
         def on_readable(_: int, c: control_server.Connection = connection) -> None:
             if c.read(self.handle_command):
@@ -1034,9 +1034,10 @@ class Supervisor:
         """Stop watching the control socket for a while: the connection waits in its
         backlog, and a socket still readable would wake the loop again at once."""
         self.selector.unregister(self.control)
-        self.control_paused_until = time.monotonic() + self.control_pause
-        log.error("control_accept_failed", error=str(exc), retry_in=self.control_pause)
-        self.control_pause = min(CONTROL_PAUSE_MAX, self.control_pause * 2)
+        self.control_accept_failures += 1
+        pause = backoff.doubled(self.control_accept_failures, CONTROL_PAUSE, CONTROL_PAUSE_MAX)
+        self.control_paused_until = time.monotonic() + pause
+        log.error("control_accept_failed", error=str(exc), retry_in=pause)
 
     def _resume_control(self, now: float) -> None:
         if self.control_paused_until is not None and now >= self.control_paused_until:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from stoqd.backoff import delay, retry_at
+from stoqd.backoff import delay, doubled, retry_at
 
 
 @pytest.mark.parametrize(("failures", "nominal"), [(1, 0.25), (2, 0.5), (3, 1.0), (5, 4.0)])
@@ -28,3 +28,7 @@ def test_jitter_spreads_within_bounds() -> None:
     values = {delay(4, 1.0, 30) for _ in range(200)}
     assert len(values) > 100
     assert all(4.0 <= v <= 8.0 for v in values)
+
+
+def test_doubled_is_the_nominal_delay_without_jitter() -> None:
+    assert [doubled(n, 0.5, 8.0) for n in range(1, 8)] == [0.5, 1, 2, 4, 8, 8, 8]
