@@ -835,8 +835,9 @@ class Supervisor:
 
     def _retire(self, worker: WorkerHandle, reason: str) -> None:
         # The replacement starts before the old one leaves; if none can start, the old
-        # one keeps working.
-        if self._spawn_worker() is None:
+        # one keeps working. A pool larger than ``workers`` (a reload lowered it) loses
+        # the worker without a replacement, one at a time, and never empties.
+        if self._pool_size() <= self.n_workers and self._spawn_worker() is None:
             return
         worker.retire()
         self.counters["worker_recycles"] += 1
@@ -1126,6 +1127,7 @@ class Supervisor:
         self._apply_settings()
         self._keep_restart_only_settings(old_daemon)
         self.config_generation += 1  # workers are recycled one by one onto the new config
+        self._fill_worker_pool(time.monotonic())  # a larger ``workers``: at once
         wanted = list(fresh.core("providers"))
         for name in wanted:
             handle = self.providers.get(name)

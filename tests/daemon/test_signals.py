@@ -353,3 +353,41 @@ def test_sighup_moves_the_workers_onto_new_plugin_options(make_run: Callable[...
     # Recycling is gradual, so early payloads may meet an old worker; the last ones do not.
     assert set(digests[-1]) == {"sha1"}
     assert {frozenset(d) for d in digests} <= {frozenset({"md5", "sha256"}), frozenset({"sha1"})}
+
+
+def test_sighup_grows_and_shrinks_the_pool_to_the_new_worker_count(
+    make_run: Callable[..., Run],
+) -> None:
+    run = make_run({"core": {"providers": "hang"}})
+    daemon = run.start()
+    first = daemon.wait_for(
+        lambda s: [w["state"] for w in s["workers"]] == ["idle", "idle"], what="two idle workers"
+    )
+    run.configure({"core": {"providers": "hang"}, "stoqd": {"workers": 3}})
+    daemon.signal(signal.SIGHUP)
+    grown = daemon.wait_for(
+        lambda s: (
+            [w["state"] for w in s["workers"]] == ["idle"] * 3
+            and not {w["pid"] for w in first["workers"]} & {w["pid"] for w in s["workers"]}
+        ),
+        what="three idle workers, none of the old ones",
+    )
+    assert grown["daemon"]["workers"] == 3
+
+    run.configure({"core": {"providers": "hang"}, "stoqd": {"workers": 1}})
+    daemon.signal(signal.SIGHUP)
+    shrunk = daemon.wait_for(
+        lambda s: (
+            [w["state"] for w in s["workers"]] == ["idle"]
+            and not {w["pid"] for w in grown["workers"]} & {w["pid"] for w in s["workers"]}
+        ),
+        what="one idle worker, a new one",
+    )
+    assert shrunk["daemon"]["workers"] == 1
+    reloaded = [e["workers"] for e in daemon.events() if e["event"] == "reloaded"]
+    assert reloaded == [3, 1]
+    # Shrinking retires the surplus without replacing it: 2 + 1 replacements in all.
+    spawned = [e for e in daemon.events() if e["event"] == "spawned" and "worker" in e]
+    assert len(spawned) == 2 + 3 + 1
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit() == 0, daemon.log()
