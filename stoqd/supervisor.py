@@ -12,6 +12,7 @@ The supervisor never blocks on a child: child sockets are non-blocking with buff
 from __future__ import annotations
 
 import itertools
+import math
 import multiprocessing
 import os
 import selectors
@@ -243,6 +244,7 @@ class Supervisor:
                 soonest = self.next_worker_spawn
         if self.control_paused_until is not None and self.control_paused_until < soonest:
             soonest = self.control_paused_until
+        soonest = min(soonest, self._next_kill_due(now))
         limit = self.daemon["scan_timeout"]
         for worker in self.workers.values():
             if not worker.assigned or worker.killed_for is not None:
@@ -254,6 +256,24 @@ class Supervisor:
             if due is not None and now < due < soonest:
                 soonest = due
         return max(0.0, soonest - now, self._housekeeping_at - now)
+
+    def _next_kill_due(self, now: float) -> float:
+        """When the next child out of its ``graceful_timeout`` is due a SIGKILL (the
+        conditions of ``_enforce_time_limits``), so that it comes on time rather than up
+        to a second late; ``inf`` when no such deadline is ahead."""
+        grace = self.daemon["graceful_timeout"]
+        due = [h.stop_requested_at + grace for h in self._all_providers()
+               if h.state is State.STOPPING and h.stop_requested_at is not None
+               and h.alive()]  # fmt: skip
+        if self.stopping_since is not None:
+            due.append(self.stopping_since + grace)
+        else:
+            due += [w.retiring_since + grace for w in self.workers.values()
+                    if w.retiring_since is not None and not w.assigned
+                    and w.killed_for is None]  # fmt: skip
+        # Just past it, as a deadline counts once passed; one already past is acted on at
+        # the next housekeeping and must not wake the loop again and again meanwhile.
+        return min((d + 0.001 for d in due if d + 0.001 > now), default=math.inf)
 
     def _workers_well_fed(self) -> bool:
         """Whether every worker holds half of PREFETCH or more (see NAP): never when a

@@ -4,7 +4,9 @@ what was not done, SIGHUP reloads the configuration or says why it cannot."""
 from __future__ import annotations
 
 import signal
+import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Dict
 
@@ -279,6 +281,28 @@ def test_a_provider_ignoring_sigterm_is_killed_after_graceful_timeout(
     stopped = [e for e in daemon.events() if e.get("provider") == "stubborn" and
                e["event"] in ("stopped", "exited")]  # fmt: skip
     assert [e["exit"] for e in stopped] in ([], ["killed by SIGKILL"])
+
+
+def test_a_provider_ignoring_stoqctl_stop_is_killed_when_graceful_timeout_ends(
+    make_run: Callable[..., Run],
+) -> None:
+    """Not up to a second late: the SIGKILL is a deadline the loop wakes for. Nothing
+    else wakes an idle daemon meanwhile (the test does not poll it), so a kill that
+    waited for the loop's next idle turn would come about a second after the stop."""
+    grace = 0.2
+    run = make_run({"core": {"providers": "stubborn"}, "stoqd": {"graceful_timeout": grace}})
+    daemon = run.start()
+    daemon.wait_for(lambda s: _provider(s, "stubborn")["state"] == "RUNNING", what="RUNNING")
+    wait_stubborn_asleep(daemon)
+    asked = time.time()
+    stop = stoqctl("-s", str(daemon.socket), "stop", "stubborn")
+    assert stop.returncode == 0, stop.stderr
+    stopped = wait_until(
+        lambda: [e for e in daemon.events() if e["event"] == "stopped"], what="stopped"
+    )
+    assert [(e["provider"], e["exit"]) for e in stopped] == [("stubborn", "killed by SIGKILL")]
+    killed = datetime.fromisoformat(stopped[0]["timestamp"]).timestamp()
+    assert grace <= killed - asked < grace + 0.5, killed - asked
 
 
 def test_a_providers_clean_up_after_sigterm_is_not_cut_short(
