@@ -127,6 +127,45 @@ def test_a_worker_that_cannot_be_replaced_is_retried_and_the_daemon_stays_up(
     assert run.saved_ids() == {f"item-{i}": 1 for i in (1, 2, 3)}
 
 
+def test_a_worker_due_for_recycling_keeps_its_place_until_a_replacement_starts(
+    make_run: Callable[..., Run],
+) -> None:
+    run = make_run({
+        "core": {"providers": "source", "always_dispatch": "hash, gate"},
+        "stoqd": {"worker_max_payloads": 1, "backoff_initial": 1, "backoff_max": 1},
+        "gate": {"gate_dir": "{dir}"},
+        # Items 1 and 2 wait in the two workers for the file "release"; 3 and 4 in the queue.
+        "source": {"count": 4, "special": "1, 2", "special_prefix": "HOLD",
+                   "outcomes": "{dir}/outcomes"},
+    })  # fmt: skip
+    daemon = run.start()
+    status = daemon.wait_for(
+        lambda s: [w["state"] for w in s["workers"]] == ["busy", "busy"], what="two held items"
+    )
+    workers = [w["pid"] for w in status["workers"]]
+    # One: room for a status request's connection, none for a worker (5 at least).
+    before = _limit_descriptors(daemon.pid, spare=1)
+    Path(run.path("release")).touch()  # both scans end, and both workers are due
+    status = daemon.wait_for(
+        lambda s: s["counters"]["worker_spawn_failures"] >= 1
+        and all(w["payloads"] == 1 for w in s["workers"]),
+        what="a replacement that could not start",
+    )  # fmt: skip
+    assert daemon.process.poll() is None
+    assert [w["pid"] for w in status["workers"]] == workers  # neither left without one
+    assert status["daemon"]["worker_error"] == f"cannot start a worker process: {TOO_MANY}"
+    assert status["queue"]["depth"] == 2  # over their budget, they take no more
+    assert not [e for e in daemon.events() if e["event"] == "recycling"]
+    assert next(e["workers"] for e in daemon.events() if e["event"] == "spawn_failed") == 2
+
+    resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, before)
+    assert daemon.wait_exit() == 0, daemon.log()
+    assert run.saved_ids() == {f"item-{i}": 1 for i in (1, 2, 3, 4)}
+    recycled = [e for e in daemon.events() if e["event"] == "recycling"]
+    assert {e["worker"] for e in recycled} >= {1, 2}
+    assert {e["reason"] for e in recycled} == {"payloads"}
+
+
 def test_stoqctl_waits_while_the_daemon_is_out_of_descriptors_and_is_answered_after(
     make_run: Callable[..., Run],
 ) -> None:
