@@ -36,7 +36,7 @@ from .providerproc import provider_main
 from .states import Event, State, next_state
 from .wire import Channel
 from .workers import worker_main
-from .workqueue import FAILED, NOT_DONE, SAVED, new_spool_dir
+from .workqueue import FAILED, NOT_DONE, SAVED, new_spool_dir, spool_prefix
 
 # Bound when the daemon starts; a reload keeps their running values (and says so).
 RESTART_ONLY = ("control_socket", "control_group", "spool_dir", "metrics_address")
@@ -444,6 +444,7 @@ class Supervisor:
             self._on_provider_readable(handle)  # what it said before dying still counts
             self._unregister(handle.channel)
         code = handle.reap()
+        self._sweep_spool(handle.pid)
         # A SIGTERM ends a provider with exit 0 too, but before it has acknowledged every
         # outcome sent to it: only an ingest that returned (and drained) is clean.
         self._orphan_items(handle, clean_exit=code == 0 and handle.stop_requested_at is None)
@@ -925,6 +926,27 @@ class Supervisor:
             path = str(header.get("path", ""))
             # Only ever delete inside our own spool, whatever a provider's header says.
             if os.path.dirname(os.path.abspath(path)) == self.spool_dir:
+                _unlink(path)
+
+    def _sweep_spool(self, pid: Optional[int]) -> None:
+        """Remove the payloads a provider process that ended spooled but never handed
+        over: puts it held back (``queue.batched``) when it died, or a copy it was still
+        writing. Those it did hand over are items, and go when they end."""
+        if pid is None:
+            return
+        prefix = spool_prefix(pid)
+        in_use = {
+            os.path.abspath(str(item.header.get("path")))
+            for item in self.items.values()
+            if item.header.get("kind") == "spool"
+        }
+        try:
+            with os.scandir(self.spool_dir) as entries:
+                left = [e.path for e in entries if e.name.startswith(prefix)]
+        except OSError:
+            return
+        for path in left:
+            if path not in in_use:
                 _unlink(path)
 
     def _finish_orphan(

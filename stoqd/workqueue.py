@@ -177,9 +177,15 @@ class ProviderQueue:
         return header, b""
 
     def _spool(self, content: bytes) -> str:
-        fd, path = tempfile.mkstemp(prefix="payload-", dir=self._spool_dir)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content)
+        # Named after this process: what it spooled and never handed over (it died with
+        # puts held by ``batched``) is found and removed by the supervisor when it ends.
+        fd, path = tempfile.mkstemp(prefix=spool_prefix(os.getpid()), dir=self._spool_dir)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(content)
+        except BaseException:  # the spool full: no half-written copy is left behind
+            _unlink_quietly(path)
+            raise
         return path
 
     def _send(
@@ -303,6 +309,11 @@ class ProviderQueue:
         with self._lock:
             while self._pending > 0:
                 self._lock.wait(1.0)
+
+
+def spool_prefix(pid: int) -> str:
+    """How the names of the payloads process ``pid`` spools begin."""
+    return f"payload-{pid}-"
 
 
 def _unlink_quietly(path: str) -> None:

@@ -155,6 +155,30 @@ def test_huge_payloads_leave_the_spool_empty_while_running(make_run: Callable[..
     spool_parent.rmdir()
 
 
+def test_payloads_a_killed_provider_spooled_but_never_handed_over_are_removed(
+    make_run: Callable[..., Run],
+) -> None:
+    spool_parent = temp_dir("stoqd-spool-")
+    run = make_run({
+        "core": {"providers": "huge, hang"},
+        "stoqd": {"spool_dir": str(spool_parent), "inline_max_bytes": 1024},
+        "huge": {"count": 2, "size": 64 << 10, "die_holding": 3, "marker": "{dir}/died",
+                 "outcomes": "{dir}/outcomes"},
+    })  # fmt: skip
+    daemon = run.start()
+    daemon.wait_for(
+        lambda s: next(p for p in s["providers"] if p["name"] == "huge")["state"] == "EXHAUSTED"
+        and next(p for p in s["providers"] if p["name"] == "huge")["saved"] == 2,
+        what="the second run's 2 payloads saved",
+    )  # fmt: skip
+    crashed = [e for e in daemon.events() if e["event"] == "backoff" and e["provider"] == "huge"]
+    assert [e["exit"] for e in crashed] == ["killed by SIGKILL"]
+    (spool,) = spool_parent.iterdir()
+    assert list(spool.iterdir()) == []  # the three held by the killed run too
+    daemon.close()
+    spool_parent.rmdir()
+
+
 def test_the_spool_of_a_sigkilled_daemon_is_removed_at_the_next_start(
     make_run: Callable[..., Run],
 ) -> None:

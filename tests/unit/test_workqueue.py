@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
+import resource
 import select
+import signal
 import socket
 import threading
 import time
@@ -161,3 +164,26 @@ def test_outcomes_after_a_callback_that_exits_stay_owed(tmp_path: Path) -> None:
     assert outcomes == []
     # Neither callback finished: both stay owed, so wait_idle does not report idle.
     assert provider_queue.qsize() == 2
+
+
+def test_a_payload_that_cannot_be_spooled_whole_leaves_no_file(tmp_path: Path) -> None:
+    # The spool full (here: a file size limit, EFBIG): the put fails, nothing half-written.
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, limits[1]))
+    try:
+        with pytest.raises(OSError) as raised:
+            _queue(tmp_path).put(b"x" * 5000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert raised.value.errno == errno.EFBIG
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_spooled_payloads_are_named_after_the_process_that_spooled_them(tmp_path: Path) -> None:
+    provider_queue = _queue(tmp_path)
+    provider_queue.on_message({"t": "credit", "n": 1})
+    provider_queue.put(b"x" * 100)
+    (spooled,) = tmp_path.iterdir()
+    assert spooled.name.startswith(f"payload-{os.getpid()}-")
