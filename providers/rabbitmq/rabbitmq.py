@@ -427,7 +427,9 @@ class _Consumer:
                 channel.exchange_declare(
                     plugin.exchange, plugin.exchange_type, durable=True, passive=plugin.passive
                 )
-                for key in plugin.routing_keys or [name]:
+                # Passive changes nothing on the broker (its user may not be allowed to):
+                # the exchange must exist, and so must its bindings.
+                for key in [] if plugin.passive else plugin.routing_keys or [name]:
                     channel.queue_bind(name, plugin.exchange, routing_key=key)
         except pika.exceptions.ChannelClosedByBroker as exc:
             # 404 (passive: it does not exist) or 406 (exists with other arguments): a
@@ -539,7 +541,7 @@ class _Consumer:
                                 self._extra_data(delivery), self.plugin.max_message_size,
                                 self.plugin.json_references, payload_id)  # fmt: skip
         except MessageError as exc:
-            self._dead_letter(delivery, str(exc))
+            self._reject_malformed(delivery, str(exc))
             return True
         try:
             # The message id as key: if this process is killed, stoqd answers the next
@@ -675,11 +677,12 @@ class _Consumer:
         while len(self.saved_unacked) > _SAVED_IDS_KEPT:
             self.saved_unacked.popitem(last=False)
 
-    def _ack(self, delivery: Delivery, counter: str = "acked") -> None:
+    def _ack(self, delivery: Delivery, counter: Optional[str] = "acked") -> None:
         assert self.channel is not None
         self._forget_tag(delivery.tag)
         self.channel.basic_ack(delivery.tag)
-        self.stats[counter] += 1
+        if counter is not None:
+            self.stats[counter] += 1
 
     def _nack(self, delivery: Delivery, requeue: bool) -> None:
         assert self.channel is not None
@@ -691,19 +694,43 @@ class _Consumer:
         if delivery.retries >= self.plugin.max_retries:
             self._dead_letter(delivery, f"failed {delivery.retries + 1} times: {reason}")
             return
+        self._publish_again(delivery, reason, delivery.retries + 1, counter="retried")
+        self.log.warning("message %s failed, retry %d of %d: %s",
+                         delivery.message_id or f"tag {delivery.tag}", delivery.retries + 1,
+                         self.plugin.max_retries, reason)  # fmt: skip
+
+    def _reject_malformed(self, delivery: Delivery, reason: str) -> None:
+        """Dead-letter a message that can never be scanned, with its reason on it.
+
+        A reject cannot add a header, and the dead-letter exchange may come from a policy
+        this provider does not know, so the message is first published again carrying
+        ``x-stoqd-error``; when that copy comes back, still malformed, it is rejected and
+        RabbitMQ dead-letters it with the reason (and its own ``x-death``) on it.
+        """
+        if (delivery.properties.headers or {}).get(ERROR_HEADER) == reason[:1000]:
+            self._dead_letter(delivery, reason)
+            return
+        self._publish_again(delivery, reason, delivery.retries, counter=None)
+        self.stats["last_error"] = reason
+        self.log.warning("message %s cannot be scanned, published again with the reason "
+                         "to be dead-lettered: %s",
+                         delivery.message_id or f"tag {delivery.tag}", reason)  # fmt: skip
+
+    def _publish_again(
+        self, delivery: Delivery, reason: str, retries: int, counter: Optional[str]
+    ) -> None:
+        """Publish a copy to the back of the queue with ``reason`` and ``retries`` in its
+        headers, then ack the original."""
         assert self.channel is not None
         properties = delivery.properties
         headers = dict(properties.headers or {})
-        headers[RETRIES_HEADER] = delivery.retries + 1
+        headers[RETRIES_HEADER] = retries
         headers[ERROR_HEADER] = reason[:1000]
         properties.headers = headers
         # Published (and confirmed) before the original is acked: a crash in between
         # leaves two copies, never none.
         self.channel.basic_publish("", self.plugin.queue_name, delivery.body, properties)
-        self._ack(delivery, counter="retried")
-        self.log.warning("message %s failed, retry %d of %d: %s",
-                         delivery.message_id or f"tag {delivery.tag}", delivery.retries + 1,
-                         self.plugin.max_retries, reason)  # fmt: skip
+        self._ack(delivery, counter=counter)
 
     def _dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Reject without requeue: RabbitMQ moves it to the queue's dead-letter exchange."""

@@ -223,14 +223,52 @@ def test_malformed_message_is_dead_lettered_and_consuming_goes_on(
     plugin = declare(mq_rabbitmq, queue, max_message_size="1K")
     broker.publish(queue, body, content_type=content_type, message_id="bad")
     broker.publish(queue, b"good", message_id="good")
-    recorded = consume(plugin, max_items=1)
+    recorded = RecordingQueue()
+    thread = threading.Thread(target=plugin.ingest, args=(recorded,), daemon=True)
+    thread.start()
+    # The copy carrying the reason goes to the back of the queue, behind "good".
+    wait_until(lambda: recorded.puts and broker.ready(f"{queue}.dead") == 1,
+               what="the good message put and the bad one dead-lettered")  # fmt: skip
+    recorded.stopping.set()
+    thread.join(30)
     assert [p.item.content for p in recorded.puts] == [b"good"]
-    [(_, dead)] = broker.get_all(f"{queue}.dead")
+    [(properties, dead)] = broker.get_all(f"{queue}.dead")
     assert dead == body
+    assert properties.headers["x-stoqd-error"].startswith(reason)
+    assert properties.headers["x-death"][0]["reason"] == "rejected"
+    assert broker.ready(queue) == 0
     assert recorded.stats["dead_lettered"] == 1
-    assert recorded.stats["last_error"].startswith(reason)
+    assert recorded.stats["received"] == 3  # the bad message twice: itself and its copy
+    assert recorded.stats["last_error"] == properties.headers["x-stoqd-error"]
     assert any(reason in r.getMessage() and "message bad dead-lettered" in r.getMessage()
                for r in caplog.records)  # fmt: skip
+
+
+def test_queue_is_bound_to_its_exchange_by_routing_key(
+    mq_rabbitmq: RabbitNode, broker: Broker
+) -> None:
+    queue, exchange = unique(), unique("ex")
+    plugin = declare(mq_rabbitmq, queue, exchange=exchange, exchange_type="direct",
+                     routing_key="alerts, files")  # fmt: skip
+    consume(plugin, timeout=1)  # declares the exchange and binds the queue
+    for key in ("files", "other", "alerts"):
+        broker.channel.basic_publish(exchange, key, key.encode())
+    recorded = consume(plugin, max_items=2)
+    assert sorted(p.item.content for p in recorded.puts) == [b"alerts", b"files"]
+    assert [p.item.payload_meta.extra_data["exchange"] for p in recorded.puts] == [exchange] * 2
+    assert broker.ready(queue) == 0  # "other" was bound nowhere: dropped by the exchange
+
+
+def test_passive_provider_binds_nothing(mq_rabbitmq: RabbitNode, broker: Broker) -> None:
+    queue, exchange = unique(), unique("ex")
+    broker.channel.exchange_declare(exchange, "direct", durable=True)
+    broker.channel.queue_declare(queue, durable=True)
+    plugin = build(mq_rabbitmq, queue=queue, passive=True, exchange=exchange,
+                   routing_key="files")  # fmt: skip
+    recorded = consume(plugin, timeout=1)
+    assert recorded.stats["last_error"] is None
+    broker.channel.basic_publish(exchange, "files", b"routed nowhere")
+    assert broker.ready(queue) == 0
 
 
 class HoldingQueue(RecordingQueue):
@@ -254,6 +292,9 @@ def test_prefetch_bounds_unacknowledged_messages(mq_rabbitmq: RabbitNode, broker
     time.sleep(0.5)  # room for a fourth, were prefetch not enforced
     assert len(holding.puts) == 3
     assert broker.ready(queue) == 7
+    # The lag is the queue's ready count, refreshed every 5 s.
+    wait_until(lambda: holding.stats.get("lag") == 7, timeout=15, what="lag 7",
+               detail=lambda: f"provider {holding.stats}")  # fmt: skip
     # Answer them (a copy of the list: under load the next three are put while this loop
     # runs, and answering those too let all ten through): the next three arrive.
     for put in holding.puts[:3]:
@@ -292,6 +333,18 @@ def test_password_env_that_is_not_set_is_named(mq_rabbitmq: RabbitNode) -> None:
         "plugin rabbitmq: option password_env: environment variable STOQD_TEST_NO_SUCH_VAR "
         "is not set"
     )
+
+
+def test_password_from_the_environment_is_used(
+    mq_rabbitmq: RabbitNode, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STOQD_TEST_RABBIT_PASSWORD", "guest")
+    queue = unique()
+    plugin = declare(mq_rabbitmq, queue, password="wrong",
+                     password_env="STOQD_TEST_RABBIT_PASSWORD")  # fmt: skip
+    broker.publish(queue, b"hello")
+    [put] = consume(plugin, max_items=1).puts
+    assert put.item.content == b"hello"
 
 
 def test_password_from_file_is_used_and_a_refusal_reported(
