@@ -59,7 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the broker fixtures' classes, without pytest
 
 import orjson  # noqa: E402
-from bench_daemon import iso_seconds  # noqa: E402  (this script's directory is on the path)
+from bench_daemon import iso_seconds, machine_facts  # noqa: E402  (this script's directory is on the path)
 
 from stoqd.ctl import request  # noqa: E402
 from stoqd.testing import Daemon, write_config  # noqa: E402
@@ -476,9 +476,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     PREFETCH = max(1, args.prefetch)
     count = 2_000 if args.quick else args.messages
+    # The processor named: the same code ran at half these rates on another 2-core host.
     print(f"{count} messages of {args.size} bytes; prefetch/flow control {PREFETCH}; "
-          f"{WORKERS} workers; hash (sha256) -> jsonl on tmpfs; {os.cpu_count()} cores; "
-          f"load average {load_average()}")  # fmt: skip
+          f"{WORKERS} workers; hash (sha256) -> jsonl on tmpfs; {os.cpu_count()} cores "
+          f"({machine_facts()['cpu model']}); load average {load_average()}")  # fmt: skip
     rows = []
     cpu: List[str] = []
     failed = False
