@@ -347,6 +347,21 @@ def test_password_from_the_environment_is_used(
     assert put.item.content == b"hello"
 
 
+def test_queue_in_another_vhost_is_consumed(mq_rabbitmq: RabbitNode) -> None:
+    vhost = unique("vhost")
+    mq_rabbitmq.ctl("add_vhost", vhost)
+    mq_rabbitmq.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    queue = unique()
+    plugin = build(mq_rabbitmq, queue=queue, vhost=vhost)
+    consume(plugin, timeout=1)  # declares the queue in that vhost
+    parameters = pika.ConnectionParameters("127.0.0.1", mq_rabbitmq.port, virtual_host=vhost)
+    with pika.BlockingConnection(parameters) as link:
+        link.channel().basic_publish("", queue, b"in another vhost")
+    [put] = consume(plugin, max_items=1).puts
+    assert put.item.content == b"in another vhost"
+    assert plugin.where() == f"amqp://127.0.0.1:{mq_rabbitmq.port}/{vhost}"
+
+
 def test_password_from_file_is_used_and_a_refusal_reported(
     mq_rabbitmq: RabbitNode, broker: Broker, tmp_path: Path
 ) -> None:
