@@ -71,7 +71,10 @@ _PROVIDER_GAUGES = (
 )
 # The daemon's "counters", by key. A key not listed still shows, as stoqd_KEY_total.
 _DAEMON_COUNTERS = {
-    "worker_recycles": "Workers retired after worker_max_payloads or worker_max_rss.",
+    "worker_recycles": (
+        "Workers retired: recycled (worker_max_payloads, worker_max_rss, reload), or "
+        "surplus after a reload lowered workers."
+    ),
     "worker_kills": "Workers killed by the supervisor (scan_timeout, shutdown).",
     "worker_deaths": "Workers that died on their own in the middle of a scan.",
     "timeouts": "Payloads whose scan passed scan_timeout.",

@@ -22,18 +22,18 @@ import socket
 import time
 from bisect import bisect_left
 from collections import OrderedDict, deque
-from typing import Any, Callable, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
 from . import backoff, logs
 from . import config as configuration
 from .childproc import EXIT_BOOT
-from .children import Item, ProviderHandle, WorkerHandle, describe_exit, rss_bytes
+from .children import Child, Item, ProviderHandle, WorkerHandle, describe_exit, rss_bytes
 from .control import server as control_server
 from .control.protocol import ControlError
 from .framework.core import Stoq
 from .preflight import preflight
 from .providerproc import provider_main
-from .states import Event, State, next_state
+from .states import LIVE, Event, State, next_state
 from .wire import Channel
 from .workers import worker_main
 from .workqueue import FAILED, NOT_DONE, SAVED, new_spool_dir, spool_prefix
@@ -258,22 +258,38 @@ class Supervisor:
         return max(0.0, soonest - now, self._housekeeping_at - now)
 
     def _next_kill_due(self, now: float) -> float:
-        """When the next child out of its ``graceful_timeout`` is due a SIGKILL (the
-        conditions of ``_enforce_time_limits``), so that it comes on time rather than up
-        to a second late; ``inf`` when no such deadline is ahead."""
-        grace = self.daemon["graceful_timeout"]
-        due = [h.stop_requested_at + grace for h in self._all_providers()
-               if h.state is State.STOPPING and h.stop_requested_at is not None
-               and h.alive()]  # fmt: skip
-        if self.stopping_since is not None:
-            due.append(self.stopping_since + grace)
-        else:
-            due += [w.retiring_since + grace for w in self.workers.values()
-                    if w.retiring_since is not None and not w.assigned
-                    and w.killed_for is None]  # fmt: skip
+        """When the next child out of its ``graceful_timeout`` is due a SIGKILL, so that
+        it comes on time rather than up to a second late; ``inf`` when none is ahead."""
         # Just past it, as a deadline counts once passed; one already past is acted on at
         # the next housekeeping and must not wake the loop again and again meanwhile.
-        return min((d + 0.001 for d in due if d + 0.001 > now), default=math.inf)
+        due = (deadline + 0.001 for deadline, _ in self._grace_deadlines())
+        return min((d for d in due if d > now), default=math.inf)
+
+    def _grace_deadlines(self) -> Iterator[Tuple[float, Child]]:
+        """(deadline, child): each child that is SIGKILLed once its ``graceful_timeout``
+        has passed, if it is still there. Both the kill and the loop's wake-up for it
+        come from here (``_enforce_time_limits``, ``_next_kill_due``)."""
+        grace = self.daemon["graceful_timeout"]
+        for handle in self._all_providers():  # SIGTERMed (stop, reload, shutdown)
+            asked = handle.stop_requested_at
+            if handle.state is State.STOPPING and asked is not None and handle.alive():
+                yield asked + grace, handle
+        if self.stopping_since is not None:
+            # Shutdown: whatever is still running had its grace period.
+            for worker in self.workers.values():
+                if worker.alive() and worker.killed_for is None:
+                    yield self.stopping_since + grace, worker
+            for handle in self._all_providers():
+                if handle.alive():
+                    yield self.stopping_since + grace, handle
+            return
+        # A recycled worker holding nothing that does not leave (a plugin's thread keeps
+        # it alive) would block every later recycling, and with a payload budget the pool
+        # with it. (While stopping, the shutdown's grace period above applies.)
+        for worker in self.workers.values():
+            since = worker.retiring_since
+            if since is not None and not worker.assigned and worker.killed_for is None:
+                yield since + grace, worker
 
     def _workers_well_fed(self) -> bool:
         """Whether every worker holds half of PREFETCH or more (see NAP): never when a
@@ -548,6 +564,12 @@ class Supervisor:
     def _pool_size(self) -> int:
         return len([w for w in self.workers.values() if not w.retiring])
 
+    def _staying(self) -> int:
+        """Workers that will stay in the pool: neither retiring nor killed (for its
+        scan_timeout; its replacement starts once its exit is handled). Only beyond
+        ``workers`` of them is one surplus, to be retired without a replacement."""
+        return len([w for w in self.workers.values() if not w.retiring and w.killed_for is None])
+
     def _spawn_worker(self) -> Optional[WorkerHandle]:
         """A new worker, or None when no process could be started (logged, retried).
 
@@ -795,36 +817,21 @@ class Supervisor:
 
     def _enforce_time_limits(self, now: float) -> None:
         limit = self.daemon["scan_timeout"]
-        for worker in list(self.workers.values()):
+        for worker in self.workers.values():
             if limit and worker.assigned and worker.killed_for is None:
                 if now - worker.current_since > limit:
                     worker.killed_for = "timeout"
                     self.counters["worker_kills"] += 1
                     log.error("timeout", worker=worker.wid, child_pid=worker.pid, limit=limit)
                     worker.kill()
-            # A recycled worker holding nothing that does not leave (a plugin's thread
-            # keeps it alive) would block every later recycling, and with a payload
-            # budget the pool with it. (While stopping, the grace period below applies.)
-            elif worker.retiring_since is not None and not worker.assigned:
-                lingering = now - worker.retiring_since > self.daemon["graceful_timeout"]
-                if lingering and worker.killed_for is None and self.stopping_since is None:
-                    worker.killed_for = "graceful_timeout"
-                    worker.kill()
-        for handle in self._all_providers():  # SIGTERMed (stop, reload, shutdown): SIGKILL
-            asked = handle.stop_requested_at
-            if handle.state is State.STOPPING and asked is not None and handle.alive():
-                if now - asked > self.daemon["graceful_timeout"]:
-                    handle.kill()
-        if self.stopping_since is not None:
-            grace = self.daemon["graceful_timeout"]
-            if now - self.stopping_since > grace:
-                for worker in self.workers.values():
-                    if worker.alive() and worker.killed_for is None:
-                        worker.killed_for = "graceful_timeout"
-                        worker.kill()
-                for handle in self._all_providers():
-                    handle.kill()  # they had their grace period too
-            elif not self.items:
+        # Listed first: a kill changes what the generator would yield next.
+        for deadline, child in list(self._grace_deadlines()):
+            if now > deadline:
+                if isinstance(child, WorkerHandle):
+                    child.killed_for = "graceful_timeout"
+                child.kill()
+        if self.stopping_since is not None and not self.items:
+            if now - self.stopping_since <= self.daemon["graceful_timeout"]:
                 self._stop_children()
 
     def _recycle_workers(self, now: float) -> None:
@@ -858,7 +865,7 @@ class Supervisor:
         # The replacement starts before the old one leaves; if none can start, the old
         # one keeps working. A pool larger than ``workers`` (a reload lowered it) loses
         # the worker without a replacement, one at a time, and never empties.
-        if self._pool_size() <= self.n_workers and self._spawn_worker() is None:
+        if self._staying() <= self.n_workers and self._spawn_worker() is None:
             return
         worker.retire()
         self.counters["worker_recycles"] += 1
@@ -1127,12 +1134,16 @@ class Supervisor:
             raise ControlError(f"provider {handle.name} is already {handle.state.value}")
         if self.stopping_since is not None:
             raise ControlError("stoqd is shutting down")
+        _refuse_while_finishing(handle)
         handle.failures = 0
         self._start_provider(handle)
 
     def restart_provider(self, handle: ProviderHandle) -> None:
         if self.stopping_since is not None:
             raise ControlError("stoqd is shutting down")
+        # Stopping one whose ingest returned would cut its acknowledgements short, and
+        # EXHAUSTED is never restarted on exit: "restarting" would be untrue.
+        _refuse_while_finishing(handle)
         if handle.alive():
             handle.restart_requested = True  # started again once the old process exits
             self.stop_provider(handle)
@@ -1179,7 +1190,10 @@ class Supervisor:
                 self._start_provider(handle)
             else:
                 handle.settings = self.config.supervision(name)
-                if old_opts.get(name) != fresh.plugin_opts.get(name) and handle.alive():
+                # (Not one EXHAUSTED still finishing its items: it is never started again,
+                # and restart_provider would refuse it.)
+                changed = old_opts.get(name) != fresh.plugin_opts.get(name)
+                if changed and handle.alive() and handle.state in LIVE:
                     self.restart_provider(handle)  # picks up its new options
         for name in [n for n in self.providers if n not in wanted]:
             handle = self.providers.pop(name)
@@ -1261,6 +1275,17 @@ class Supervisor:
         from .control.commands import status
 
         return status(self)
+
+
+def _refuse_while_finishing(handle: ProviderHandle) -> None:
+    """Refuse a second process on a handle whose process is still there, in a state that
+    has none (EXHAUSTED: waiting for its items' outcomes, to acknowledge them, before it
+    exits): its exit would be handled as the new one's (sentinel, channel, spool files)."""
+    if handle.alive() and handle.state not in LIVE:
+        raise ControlError(
+            f"provider {handle.name} is {handle.state.value} and still finishing its items "
+            f"(pid {handle.pid}); start it again once it has exited"
+        )
 
 
 def _with_flush(channel: Channel, callback: Callable[[int], None]) -> Callable[[int], None]:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List
 
 from stoqd.control import server as control_server
 
-from .helpers import Run, stoqctl, wait_stubborn_asleep
+from .helpers import Run, stoqctl, wait_stubborn_asleep, wait_until
 
 
 def _provider(status: Dict[str, Any], name: str) -> Dict[str, Any]:
@@ -164,6 +164,52 @@ def test_restart_while_shutting_down_is_refused(make_run: Callable[..., Run]) ->
     assert (refused.returncode, refused.stderr) == (1, "stoqctl: stoqd is shutting down\n")
     assert daemon.wait_exit() == 0, daemon.log()
     assert run.saved_ids() == {"item-1": 1}
+
+
+def test_an_exhausted_provider_still_finishing_its_items_is_not_started_again(
+    make_run: Callable[..., Run],
+) -> None:
+    # Its ingest returned, but its process waits for item-1's outcome (held in a worker)
+    # to acknowledge it: a second process beside it would have its exit taken for the
+    # new one's. Once it has exited, start runs the source again.
+    run = make_run({
+        "core": {"providers": "hang, source", "always_dispatch": "gate"},
+        "gate": {"gate_dir": "{dir}"},
+        "source": {"count": 1, "special": "1", "special_prefix": "HOLD",
+                   "outcomes": "{dir}/outcomes"},
+    })  # fmt: skip
+    daemon = run.start()
+    sock = str(daemon.socket)
+    wait_until(lambda: os.path.exists(run.path("holding")), what="item-1 held",
+               detail=daemon.log)  # fmt: skip
+    status = daemon.wait_for(
+        lambda s: _provider(s, "source")["state"] == "EXHAUSTED", what="source EXHAUSTED"
+    )
+    pid = _provider(status, "source")["pid"]
+    assert pid is not None  # still waiting for its outcome
+    for verb in ("start", "restart"):
+        refused = stoqctl("-s", sock, verb, "source")
+        assert (refused.returncode, refused.stderr) == (
+            1,
+            f"stoqctl: provider source is EXHAUSTED and still finishing its items (pid {pid}); "
+            "start it again once it has exited\n",
+        )
+    assert _provider(daemon.status(), "source")["pid"] == pid
+
+    Path(run.path("release")).touch()
+    daemon.wait_for(lambda s: _provider(s, "source")["pid"] is None, what="source exited")
+    started = stoqctl("-s", sock, "start", "source")
+    assert (started.returncode, started.stdout) == (0, "source: started\n")
+    daemon.wait_for(
+        lambda s: _provider(s, "source")["saved"] == 2 and _provider(s, "source")["pid"] is None,
+        what="the second run's item saved and the source exited",
+    )
+    assert run.outcomes() == [("item-1", "saved", "-")] * 2
+    assert stoqctl("-s", sock, "shutdown").returncode == 0
+    assert daemon.wait_exit() == 0, daemon.log()
+    spawned = [e for e in daemon.events() if e["event"] == "spawned" and
+               e.get("provider") == "source"]  # fmt: skip
+    assert len(spawned) == 2
 
 
 def test_shutdown_stops_the_daemon_with_exit_0(make_run: Callable[..., Run]) -> None:
