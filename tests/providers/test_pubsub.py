@@ -195,8 +195,13 @@ def test_lease_is_extended_while_a_long_scan_runs(topic: Topic) -> None:
         return Outcome("saved")
 
     recorded = consume(build(subscription=topic.subscription), outcome=slow, timeout=16)
-    assert [p.item.content for p in recorded.puts] == [b"slow to scan"]  # not redelivered
-    assert recorded.stats["acked"] == 1
+    assert [p.item.content for p in recorded.puts] == [b"slow to scan"]
+    # Not redelivered: a lease that lapsed mid-scan brings the message back on another
+    # callback thread, where it is parked behind the scan and acked as a duplicate (one
+    # put all the same), so the deliveries themselves are counted.
+    stats = recorded.stats
+    assert (stats["received"], stats["duplicates_skipped"], stats["nacked"]) == (1, 0, 0), stats
+    assert stats["acked"] == 1
 
 
 class HoldingQueue(RecordingQueue):
