@@ -180,22 +180,33 @@ class FullQueue(Collecting):
         super().put(item, block, timeout, **kw)
 
 
-def test_high_water_mark_is_the_backpressure(context: Any) -> None:
-    endpoint = free_tcp()
+@pytest.mark.parametrize("hwm", [10, 200])
+def test_high_water_mark_is_the_backpressure(context: Any, short_dir: Path, hwm: int) -> None:
+    # While stoqd's queue is full the provider holds the one message it received; ZeroMQ
+    # then buffers ``hwm`` more and the sender blocks. What else holds messages is kept to
+    # a few: ipc (no TCP windows), messages of 10 KiB, a sender SNDHWM of 1 and a small
+    # SNDBUF, so the sender gets out hwm + 7 messages here; unset, RCVHWM is 1000.
+    endpoint = f"ipc://{short_dir}/in.sock"
     queue = FullQueue()
-    running = Running(build(endpoint=endpoint, hwm=10), queue)
+    running = Running(build(endpoint=endpoint, hwm=hwm), queue)
+    running.wait(lambda: bool(queue.stats.get("connection")), "the socket bound")
     push = _push(context, endpoint)
-    push.setsockopt(zmq.SNDHWM, 10)
+    push.setsockopt(zmq.SNDHWM, 1)
+    push.setsockopt(zmq.SNDBUF, 4096)
+    padding = b"\0" * (10 * 1024 - 8)
     sent = 0
-    with pytest.raises(zmq.Again):  # the sender is held back once both buffers are full
-        for number in range(5000):
-            push.send_multipart([b"%d" % number], flags=zmq.NOBLOCK)
+    while True:  # until the sender has been held back for 2 s: every buffer is full
+        try:
+            push.send(b"%08d" % sent + padding, flags=zmq.NOBLOCK)
             sent += 1
-    assert sent < 5000
+        except zmq.Again:
+            if not push.poll(2000, zmq.POLLOUT):
+                break
+    assert hwm <= sent <= hwm + 20, f"{sent} messages sent before the sender blocked"
     queue.opened.set()
     running.wait(lambda: len(queue.puts) == sent, "every message sent")
     running.stop()
-    assert [p.item.content for p in queue.puts] == [b"%d" % n for n in range(sent)]
+    assert [p.item.content for p in queue.puts] == [b"%08d" % n + padding for n in range(sent)]
 
 
 def test_options_are_checked() -> None:
