@@ -172,6 +172,7 @@ def test_failed_scan_is_redelivered_then_dead_lettered(topic: Topic) -> None:
     [
         (b"{not json", "JSON message is not valid JSON"),
         (b"[1, 2]", "JSON message is not a stoQ archiver reference"),
+        (b"x" * 2048, "message of 2048 bytes exceeds max_message_size 1024"),
     ],
 )
 def test_malformed_message_is_dead_lettered_and_consuming_goes_on(
@@ -180,7 +181,8 @@ def test_malformed_message_is_dead_lettered_and_consuming_goes_on(
     dead = topic.listen(f"dead-{uuid.uuid4().hex[:8]}")
     topic.publish(body, content_type="application/json")
     topic.publish(b"good")
-    plugin = build(subscription=topic.subscription, dead_letter_topic=dead.topic)
+    plugin = build(subscription=topic.subscription, dead_letter_topic=dead.topic,
+                   max_message_size="1K")  # fmt: skip
     recorded = consume(plugin, max_items=1)
     assert [p.item.content for p in recorded.puts] == [b"good"]
     [(data, attributes)] = dead.pull(1)
