@@ -18,6 +18,7 @@ Connector: publishes each result as JSON, or for each archived payload a referen
 from __future__ import annotations
 
 import collections
+import hashlib
 import itertools
 import json
 import os
@@ -42,6 +43,7 @@ from stoqd.framework.plugins import ConnectorPlugin, ProviderPlugin
 
 RETRIES_HEADER = "x-stoqd-retries"
 ERROR_HEADER = "x-stoqd-error"
+MALFORMED_HEADER = "x-stoqd-malformed"  # a copy published only to be dead-lettered
 _PROPERTIES = (
     "content_type", "content_encoding", "headers", "delivery_mode", "priority",
     "correlation_id", "reply_to", "expiration", "message_id", "timestamp", "type",
@@ -52,6 +54,8 @@ _REPORT_EVERY = 0.5
 # How long saved messages wait behind an unsaved one for a multiple-ack to cover them.
 _OUT_OF_ORDER_WAIT = 0.05
 _LAG_EVERY = 5.0
+_ACCESS_REFUSED = 403
+_REFUSED_IDS_KEPT = 1000
 
 
 class MessageError(Exception):
@@ -365,6 +369,9 @@ class _Consumer:
         }  # fmt: skip
         self._last_report = 0.0
         self._last_lag = 0.0
+        # Copies the broker refused (see _publish_again): every one, or these messages'.
+        self.copies_refused = False
+        self.copy_refused_for: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -694,7 +701,10 @@ class _Consumer:
         if delivery.retries >= self.plugin.max_retries:
             self._dead_letter(delivery, f"failed {delivery.retries + 1} times: {reason}")
             return
-        self._publish_again(delivery, reason, delivery.retries + 1, counter="retried")
+        retry = {RETRIES_HEADER: delivery.retries + 1, ERROR_HEADER: reason[:1000]}
+        if not self._publish_again(delivery, retry, counter="retried"):
+            self._dead_letter(delivery, f"failed, and the queue refused its retry: {reason}")
+            return
         self.log.warning("message %s failed, retry %d of %d: %s",
                          delivery.message_id or f"tag {delivery.tag}", delivery.retries + 1,
                          self.plugin.max_retries, reason)  # fmt: skip
@@ -704,33 +714,62 @@ class _Consumer:
 
         A reject cannot add a header, and the dead-letter exchange may come from a policy
         this provider does not know, so the message is first published again carrying
-        ``x-stoqd-error``; when that copy comes back, still malformed, it is rejected and
-        RabbitMQ dead-letters it with the reason (and its own ``x-death``) on it.
+        ``x-stoqd-error`` and a mark; when the marked copy comes back it is rejected, and
+        RabbitMQ dead-letters it with the reason (and its own ``x-death``) on it. (The mark,
+        not the reason's text, ends it: two consumers that word it differently, with other
+        size limits, must not pass a message back and forth for ever.)
         """
-        if (delivery.properties.headers or {}).get(ERROR_HEADER) == reason[:1000]:
+        copy = {MALFORMED_HEADER: 1, ERROR_HEADER: reason[:1000]}
+        marked = (delivery.properties.headers or {}).get(MALFORMED_HEADER)
+        if marked or not self._publish_again(delivery, copy, counter=None):
             self._dead_letter(delivery, reason)
             return
-        self._publish_again(delivery, reason, delivery.retries, counter=None)
         self.stats["last_error"] = reason
         self.log.warning("message %s cannot be scanned, published again with the reason "
                          "to be dead-lettered: %s",
                          delivery.message_id or f"tag {delivery.tag}", reason)  # fmt: skip
 
     def _publish_again(
-        self, delivery: Delivery, reason: str, retries: int, counter: Optional[str]
-    ) -> None:
-        """Publish a copy to the back of the queue with ``reason`` and ``retries`` in its
-        headers, then ack the original."""
+        self, delivery: Delivery, headers: Dict[str, Any], counter: Optional[str]
+    ) -> bool:
+        """Publish a copy to the back of the queue with ``headers`` added and ack the
+        original: True. False when the broker will not take the copy, and the caller
+        dead-letters the message instead (never a redelivery loop).
+
+        A copy the broker refuses by closing the channel (a user that may only consume,
+        403; a body over the broker's size limit) raises, as any channel loss does: the
+        message is delivered again on the next channel, and this time not copied.
+        """
         assert self.channel is not None
+        if self.copies_refused or _identity(delivery) in self.copy_refused_for:
+            return False
         properties = delivery.properties
-        headers = dict(properties.headers or {})
-        headers[RETRIES_HEADER] = retries
-        headers[ERROR_HEADER] = reason[:1000]
-        properties.headers = headers
-        # Published (and confirmed) before the original is acked: a crash in between
-        # leaves two copies, never none.
-        self.channel.basic_publish("", self.plugin.queue_name, delivery.body, properties)
+        properties.headers = {**(properties.headers or {}), **headers}
+        try:
+            # Published (and confirmed) before the original is acked: a crash in between
+            # leaves two copies, never none.
+            self.channel.basic_publish("", self.plugin.queue_name, delivery.body, properties)
+        except (pika.exceptions.NackError, pika.exceptions.UnroutableError):
+            return False  # this copy refused (a full queue that rejects publishes)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            self._copy_refused(delivery, exc)
+            raise
         self._ack(delivery, counter=counter)
+        return True
+
+    def _copy_refused(self, delivery: Delivery, exc: pika.exceptions.ChannelClosedByBroker) -> None:
+        if exc.reply_code == _ACCESS_REFUSED:  # no copy of any message will be taken
+            self.copies_refused = True
+            scope = "from now on, failed and malformed messages are"
+        else:
+            self.copy_refused_for[_identity(delivery)] = None
+            while len(self.copy_refused_for) > _REFUSED_IDS_KEPT:
+                self.copy_refused_for.popitem(last=False)
+            scope = "when it comes back, it is"
+        self.log.error("queue %s refused a copy of message %s (%s %s): %s dead-lettered "
+                       "without retries or a reason header", self.plugin.queue_name,
+                       delivery.message_id or f"tag {delivery.tag}", exc.reply_code,
+                       exc.reply_text, scope)  # fmt: skip
 
     def _dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Reject without requeue: RabbitMQ moves it to the queue's dead-letter exchange."""
@@ -762,6 +801,11 @@ class _Consumer:
         if force or now - self._last_report >= _REPORT_EVERY:
             self._last_report = now
             self.queue.report(**self.stats)
+
+
+def _identity(delivery: Delivery) -> str:
+    """Which message a delivery is, across redeliveries: its id, else its body's digest."""
+    return delivery.message_id or hashlib.sha256(delivery.body).hexdigest()
 
 
 def _nothing() -> None:

@@ -244,6 +244,83 @@ def test_malformed_message_is_dead_lettered_and_consuming_goes_on(
                for r in caplog.records)  # fmt: skip
 
 
+def _declare_by_hand(node: RabbitNode, queue: str, **arguments: Any) -> None:
+    """``queue`` with a dead-letter queue, and other ``arguments``, for a passive provider."""
+    with pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", node.port)) as link:
+        channel = link.channel()
+        channel.exchange_declare("stoqd.dead-letter", "direct", durable=True)
+        channel.queue_declare(f"{queue}.dead", durable=True)
+        channel.queue_bind(f"{queue}.dead", "stoqd.dead-letter", routing_key=queue)
+        channel.queue_declare(queue, durable=True, arguments={
+            "x-dead-letter-exchange": "stoqd.dead-letter",
+            "x-dead-letter-routing-key": queue, **arguments})  # fmt: skip
+
+
+def test_malformed_message_of_a_consume_only_user_is_dead_lettered_without_a_copy(
+    mq_rabbitmq: RabbitNode, broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The copy that would carry the reason needs write permission on the default
+    # exchange; this user has none (403 closes the channel). Not a loop: the message
+    # comes back on the next channel and is dead-lettered as it is.
+    user = unique("reader")
+    mq_rabbitmq.ctl("add_user", user, "secret")
+    mq_rabbitmq.ctl("set_permissions", "-p", "/", user, "^$", "^$", ".*")
+    queue = unique()
+    _declare_by_hand(mq_rabbitmq, queue)
+    broker.publish(queue, b"{not json", content_type="application/json", message_id="bad")
+    broker.publish(queue, b"good", message_id="good")
+    plugin = build(mq_rabbitmq, queue=queue, passive=True, user=user, password="secret",
+                   reconnect_max=0.2)  # fmt: skip
+    recorded = RecordingQueue()
+    thread = threading.Thread(target=plugin.ingest, args=(recorded,), daemon=True)
+    thread.start()
+    wait_until(lambda: recorded.puts and broker.ready(f"{queue}.dead") == 1,
+               what="the good message put and the bad one dead-lettered",
+               detail=lambda: f"provider {recorded.stats}")  # fmt: skip
+    recorded.stopping.set()
+    thread.join(30)
+    assert [p.item.content for p in recorded.puts] == [b"good"]
+    [(properties, dead)] = broker.get_all(f"{queue}.dead")
+    assert dead == b"{not json"
+    assert "x-stoqd-error" not in (properties.headers or {})
+    assert properties.headers["x-death"][0]["count"] == 1
+    assert recorded.stats["dead_lettered"] == 1
+    assert any("refused a copy of message bad (403 ACCESS_REFUSED" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+
+
+def test_failed_scan_whose_retry_a_full_queue_refuses_is_dead_lettered(
+    mq_rabbitmq: RabbitNode, broker: Broker
+) -> None:
+    # While "fails" is held unacknowledged, "waits" fills the queue to its x-max-length
+    # (ready messages): the broker nacks the retry's copy, and the message is dead-lettered.
+    queue = unique()
+    _declare_by_hand(mq_rabbitmq, queue, **{"x-max-length": 1, "x-overflow": "reject-publish"})
+    broker.publish(queue, b"fails", message_id="fails")
+
+    def outcome(put: Any) -> Outcome:
+        if put.item.content != b"fails":
+            return Outcome(SAVED)
+        parameters = pika.ConnectionParameters("127.0.0.1", mq_rabbitmq.port)
+        with pika.BlockingConnection(parameters) as link:  # this thread's own connection
+            channel = link.channel()
+            channel.confirm_delivery()
+            channel.basic_publish("", queue, b"waits", pika.BasicProperties(message_id="waits"))
+        return Outcome(FAILED, error="connector jsonl failed: disk full")
+
+    recorded = consume(build(mq_rabbitmq, queue=queue, passive=True, prefetch=1),
+                       outcome=outcome, max_items=2)  # fmt: skip
+    assert [p.item.content for p in recorded.puts] == [b"fails", b"waits"]
+    wait_until(lambda: broker.ready(f"{queue}.dead") == 1, what="the dead letter")
+    [(_, dead)] = broker.get_all(f"{queue}.dead")
+    assert dead == b"fails"
+    assert recorded.stats["last_error"] == (
+        "failed, and the queue refused its retry: connector jsonl failed: disk full"
+    )
+    assert (recorded.stats["retried"], recorded.stats["dead_lettered"]) == (0, 1)
+    assert broker.ready(queue) == 0
+
+
 def test_queue_is_bound_to_its_exchange_by_routing_key(
     mq_rabbitmq: RabbitNode, broker: Broker
 ) -> None:
@@ -267,6 +344,7 @@ def test_passive_provider_binds_nothing(mq_rabbitmq: RabbitNode, broker: Broker)
                    routing_key="files")  # fmt: skip
     recorded = consume(plugin, timeout=1)
     assert recorded.stats["last_error"] is None
+    broker.channel.confirm_delivery()  # routed (or dropped) before it returns
     broker.channel.basic_publish(exchange, "files", b"routed nowhere")
     assert broker.ready(queue) == 0
 
