@@ -88,9 +88,13 @@ def context() -> Any:
     ctx.destroy(linger=0)
 
 
-def _push(context: Any, endpoint: str) -> Any:
+def _push(context: Any, endpoint: str, **options: int) -> Any:
+    """A PUSH socket connected to ``endpoint``, with ``options`` (zmq names) set before
+    it connects: a buffer size set later may miss the connection made in between."""
     sock = context.socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 1000)
+    for name, value in options.items():
+        sock.setsockopt(getattr(zmq, name), value)
     sock.connect(endpoint)
     return sock
 
@@ -190,9 +194,7 @@ def test_high_water_mark_is_the_backpressure(context: Any, short_dir: Path, hwm:
     queue = FullQueue()
     running = Running(build(endpoint=endpoint, hwm=hwm), queue)
     running.wait(lambda: bool(queue.stats.get("connection")), "the socket bound")
-    push = _push(context, endpoint)
-    push.setsockopt(zmq.SNDHWM, 1)
-    push.setsockopt(zmq.SNDBUF, 4096)
+    push = _push(context, endpoint, SNDHWM=1, SNDBUF=4096)
     padding = b"\0" * (10 * 1024 - 8)
     sent = 0
     while True:  # until the sender has been held back for 2 s: every buffer is full
