@@ -512,14 +512,18 @@ def test_health_check_fails_while_a_provider_is_fatal(container_work: Path) -> N
         cfg.write("\n[stoqd:crashprov]\nstartretries = 0\n")
     box = Container(container_work, config_dir)
     try:
+        # Both settled: crashprov can be FATAL before heldprov has reported ready.
+        fatal, running = r"^crashprov +FATAL ", r"^heldprov +RUNNING "
         deadline = time.monotonic() + 30
         health = box.health()
-        while time.monotonic() < deadline and "FATAL" not in health.stdout:
+        while time.monotonic() < deadline and not (
+            re.search(fatal, health.stdout, re.M) and re.search(running, health.stdout, re.M)
+        ):
             time.sleep(0.2)
             health = box.health()
-        assert re.search(r"^crashprov +FATAL ", health.stdout, re.M), health.stdout + box.log()
+        assert re.search(fatal, health.stdout, re.M), health.stdout + box.log()
         assert health.returncode == 3  # stoqctl: a provider is FATAL -> unhealthy
-        assert re.search(r"^heldprov +RUNNING ", health.stdout, re.M)
+        assert re.search(running, health.stdout, re.M), health.stdout
     finally:
         box.close()
 
