@@ -88,7 +88,8 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 
 def _make_certificates(base: Path) -> Path:
-    """A throw-away CA and a server certificate for ``localhost`` (the TLS listener)."""
+    """A throw-away CA, a server certificate for ``localhost`` (the TLS listener) and a
+    client certificate (``client.pem``, ``client.key``), which the listener requires."""
 
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=base, check=True, capture_output=True)
@@ -101,7 +102,11 @@ def _make_certificates(base: Path) -> Path:
     openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
             "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf",
             "-out", "server.pem")  # fmt: skip
-    for name in ("server.key", "server.pem", "ca.pem"):
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=stoqd test client",
+            "-keyout", "client.key", "-out", "client.csr")  # fmt: skip
+    openssl("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-out", "client.pem")  # fmt: skip
+    for name in ("server.key", "server.pem", "ca.pem", "client.key", "client.pem"):
         (base / name).chmod(0o644)  # read by the node (same user here), shown to tests
     return base / "ca.pem"
 
@@ -131,8 +136,8 @@ class RabbitNode:
             f"ssl_options.cacertfile = {base / 'ca.pem'}\n"
             f"ssl_options.certfile = {base / 'server.pem'}\n"
             f"ssl_options.keyfile = {base / 'server.key'}\n"
-            "ssl_options.verify = verify_none\n"
-            "ssl_options.fail_if_no_peer_cert = false\n"
+            "ssl_options.verify = verify_peer\n"
+            "ssl_options.fail_if_no_peer_cert = true\n"
         )
         dist = "-kernel inet_dist_use_interface {127,0,0,1}"
         self.env: Dict[str, str] = {

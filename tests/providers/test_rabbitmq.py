@@ -786,15 +786,29 @@ def test_two_daemons_on_one_queue_share_the_load(
     assert sorted(one + two) == sorted(ids)  # and together every message, once
 
 
+def _tls(node: RabbitNode, **opts: Any) -> Dict[str, Any]:
+    """Options for the node's TLS listener, which verifies the client's certificate."""
+    certificates = node.ca_file.parent
+    return {"tls": "true", "port": node.tls_port, "tls_ca_file": node.ca_file,
+            "tls_server_name": "localhost", "tls_cert_file": certificates / "client.pem",
+            "tls_key_file": certificates / "client.key", **opts}  # fmt: skip
+
+
 def test_tls_connection_verifies_the_broker(mq_rabbitmq: RabbitNode, broker: Broker) -> None:
     queue = unique()
     declare(mq_rabbitmq, queue)
     broker.publish(queue, b"over tls")
-    plugin = build(mq_rabbitmq, queue=queue, tls="true", port=mq_rabbitmq.tls_port,
-                   tls_ca_file=mq_rabbitmq.ca_file, tls_server_name="localhost")  # fmt: skip
-    recorded = consume(plugin, max_items=1)
+    recorded = consume(build(mq_rabbitmq, queue=queue, **_tls(mq_rabbitmq)), max_items=1)
     assert [p.item.content for p in recorded.puts] == [b"over tls"]
     assert recorded.stats["acked"] == 1
+
+
+def test_tls_broker_refuses_a_client_without_its_certificate(mq_rabbitmq: RabbitNode) -> None:
+    options = _tls(mq_rabbitmq, reconnect_max=0.2)
+    del options["tls_cert_file"], options["tls_key_file"]
+    recorded = consume(build(mq_rabbitmq, queue=unique(), **options), timeout=2)
+    assert recorded.puts == []
+    assert "CERTIFICATE_REQUIRED" in recorded.stats["last_error"], recorded.stats
 
 
 def test_tls_refuses_a_broker_it_cannot_verify(mq_rabbitmq: RabbitNode) -> None:
