@@ -575,6 +575,9 @@ def test_kill_9_of_a_worker_mid_scan_saves_or_dead_letters_every_message(
         assert first is not None
         os.kill(first, signal.SIGKILL)
         run.wait(lambda: run.holding_pid() not in (None, first), "the scan on another worker")
+        # The provider reports its counters every 0.5 s: this can all come before the
+        # first report that counts the held message (a fresh clone saw in_flight 0).
+        run.wait(lambda: run.stats().get("in_flight") == 1, "the held message in flight")
         stats = run.stats()
         assert held not in run.saved()
         assert stats["acked"] == len(ids) and stats["in_flight"] == 1  # leased, not acked
