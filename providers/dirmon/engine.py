@@ -421,9 +421,18 @@ def _write_reason(target: str, rel: str, reason: str, provider: str, log: loggin
         "error": reason,
         "time": datetime.now(UTC).isoformat(),
     }
+    path = f"{target}.error.json"
+    # Written aside and renamed into place: whoever reads failed_dir (and a provider
+    # killed mid-write) never sees half a reason.
+    part = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.part")
     try:
-        with open(f"{target}.error.json", "w", encoding="utf-8") as handle:
+        with open(part, "w", encoding="utf-8") as handle:
             json.dump(record, handle)
             handle.write("\n")
+        os.replace(part, path)
     except OSError as exc:
-        log.error("cannot write %s.error.json: %s", target, exc.strerror)
+        log.error("cannot write %s: %s", path, exc.strerror)
+        try:
+            os.unlink(part)
+        except OSError:
+            pass
