@@ -53,6 +53,15 @@ def settle(queue: DirQueue, src: Path, name: str = "zz-marker") -> None:
     time.sleep(0.3)  # one more check of files still being written
 
 
+def listing(directory: Path) -> List[str]:
+    """The sorted names in ``directory``; none while it does not exist yet (a move to
+    done_dir makes the file's subdirectory there when the first file arrives)."""
+    try:
+        return sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+
+
 def puts_of(queue: DirQueue, path: Path) -> List[Any]:
     return [p for p in queue.puts if p.path == str(path)]
 
@@ -176,7 +185,7 @@ def test_zeek_extract_files_written_in_place(dir_tree, dir_plugin, dir_run):
         (put,) = puts_of(queue, extract / name)
         assert put.content == written[name]
     queue.wait_for(
-        lambda: sorted(os.listdir(dir_tree["done"] / "extract_files")) == sorted(names),
+        lambda: listing(dir_tree["done"] / "extract_files") == sorted(names),
         what="files moved to done_dir",
     )
     assert os.listdir(extract) == []
@@ -221,9 +230,7 @@ def test_suricata_filestore_with_sidecar_attached(dir_tree, dir_plugin, dir_run)
     assert suricata["fileinfo"]["fileinfo"]["sha256"] == sha
     assert suricata["sidecar"] == f"{sha[:2]}/{sha}.1764000000.5000.json"
     queue.wait_for(
-        lambda: (
-            sorted(os.listdir(dir_tree["done"] / sha[:2])) == [sha, f"{sha}.1764000000.5000.json"]
-        ),
+        lambda: listing(dir_tree["done"] / sha[:2]) == [sha, f"{sha}.1764000000.5000.json"],
         what="payload and sidecar moved together",
     )
     settle(queue, filestore)
@@ -551,6 +558,7 @@ def test_daemon_status_shows_backlog_and_files_wait_on_disk(dir_workdir, dir_dae
         lambda s: (
             s["providers"][0]["stats"]["backlog"] >= 3
             and s["providers"][0]["stats"]["oldest_age"] > 0
+            and s["providers"][0]["stats"]["queue_full"]  # once a put waited for credit
         ),
         what="a backlog reported",
     )
@@ -619,7 +627,7 @@ def test_daemon_suricata_filestore_result_carries_the_fileinfo(dir_workdir, dir_
     suricata = result["payload_meta"]["extra_data"]["suricata"]
     assert suricata["fileinfo"]["fileinfo"]["sha256"] == sha
     daemon.wait_for(
-        lambda s: sorted(os.listdir(done / sha[:2])) == [sha, f"{sha}.1764000000.20000.json"],
+        lambda s: listing(done / sha[:2]) == [sha, f"{sha}.1764000000.20000.json"],
         what="file and sidecar moved",
     )
 
