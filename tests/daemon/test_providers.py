@@ -128,7 +128,14 @@ def test_per_provider_startretries_override(make_run: Callable[..., Run]) -> Non
 def test_stoqctl_status_exits_3_while_a_provider_is_fatal(make_run: Callable[..., Run]) -> None:
     run = make_run({"core": {"providers": "crash_loop, hang"}})
     daemon = run.start()
-    status = daemon.wait_for(lambda s: _provider(s, "crash_loop")["state"] == "FATAL", what="FATAL")
+    # Both settled: crash_loop can be FATAL before hang has reported ready.
+    status = daemon.wait_for(
+        lambda s: (
+            _provider(s, "crash_loop")["state"] == "FATAL"
+            and _provider(s, "hang")["state"] == "RUNNING"
+        ),
+        what="crash_loop FATAL and hang RUNNING",
+    )
     fatal = _provider(status, "crash_loop")
     assert (fatal["restarts"], fatal["pid"]) == (3, None)
     assert fatal["last_error"] == "ConnectionRefusedError: crash_loop: cannot reach the source"

@@ -141,9 +141,10 @@ def test_start_running_then_stop_drains_in_flight_work(supervisord: Supervisord)
         lambda: any(w.get("current") for w in _stoqctl_status(stoq_cfg).get("workers", [])),
         "a worker busy with the payload",
     )
-    children = [p["pid"] for p in _stoqctl_status(stoq_cfg)["providers"]]
-    children += [w["pid"] for w in _stoqctl_status(stoq_cfg)["workers"]]
+    status_now = _stoqctl_status(stoq_cfg)  # one request: the 3 s scan is still running
     assert not results.exists()
+    children = [p["pid"] for p in status_now["providers"]]
+    children += [w["pid"] for w in status_now["workers"]]
 
     stop = supervisord.ctl("stop", "stoqd")
     assert stop.returncode == 0, stop.stdout + stop.stderr

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -236,6 +237,9 @@ def test_unreadable_files_and_files_of_others_as_an_unprivileged_user(dir_workdi
     (src / "old").write_bytes(b"old")
     os.utime(src / "old", (1_700_000_000, 1_700_000_000))
     (src / "fresh").write_bytes(b"fresh")  # written just now by someone else
+    # Its time a minute ahead: still "just now" however long the walk takes to reach it.
+    ahead = time.time() + 60
+    os.utime(src / "fresh", (ahead, ahead))
     done = subprocess.run(
         [sys.executable, "-c", UNPRIVILEGED_RUN, str(src), str(failed), str(state)],
         capture_output=True, text=True, timeout=60,

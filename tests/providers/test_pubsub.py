@@ -583,7 +583,8 @@ def test_kill_9_of_a_worker_mid_scan_saves_or_dead_letters_every_message(
         assert stats["acked"] == len(ids) and stats["in_flight"] == 1  # leased, not acked
         (run.gate / "release").touch()
         run.wait(lambda: held in run.saved(), "the held result")
-        run.wait(lambda: run.stats().get("acked") == len(ids) + 1, "its ack")
+        run.wait(lambda: run.stats().get("acked") == len(ids) + 1
+                 and run.stats().get("in_flight") == 0, "its ack")  # fmt: skip
         assert run.saved().count(held) == 1
         assert run.stats()["in_flight"] == 0
         assert dead.pull(1, timeout=3) == []  # only the poison was dead-lettered
@@ -633,10 +634,14 @@ def test_emulator_restart_is_reported_and_survived(topic: Topic, mq_pubsub: Pubs
         run.wait(lambda: run.stats().get("in_flight") == 0, "every outcome")
         assert sorted(run.saved()) == sorted([held, *before, *after])  # each exactly once
         assert run.daemon.process.poll() is None
+        # (in_flight 0 is also what a report from before the last messages arrived says:
+        # the acks are waited for too.)
         if run.daemon.provider("pubsub")["pid"] == provider:
+            run.wait(lambda: run.stats().get("acked") == 21, "every ack")
             assert run.stats()["acked"] == 21  # 11 before and during the outage, 10 after
         else:  # the stream came back before the test recreated the subscription
             assert "does not exist (set create = true" in run.daemon.log()
+            run.wait(lambda: run.stats().get("acked") == 10, "every ack")
             assert run.stats()["acked"] == 10
     finally:
         run.close()
