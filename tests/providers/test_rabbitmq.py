@@ -88,17 +88,23 @@ def broker(mq_rabbitmq: RabbitNode) -> Any:
         pass  # the broker-restart test closed it under us
 
 
-def declare(node: RabbitNode, queue: str, **opts: Any) -> Any:
-    """The plugin for ``queue``, with the queue and its dead-letter queue declared as the
-    provider declares them (the provider would fail on any difference)."""
+def declare_queue(node: RabbitNode, queue: str, **arguments: Any) -> None:
+    """``queue`` and its dead-letter queue, declared as the provider declares them (the
+    provider would fail on any difference), with other queue ``arguments`` if given (for
+    a passive provider, which declares nothing)."""
     with pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", node.port)) as link:
         channel = link.channel()
         channel.exchange_declare("stoqd.dead-letter", "direct", durable=True)
         channel.queue_declare(f"{queue}.dead", durable=True)
         channel.queue_bind(f"{queue}.dead", "stoqd.dead-letter", routing_key=queue)
-        arguments = {"x-dead-letter-exchange": "stoqd.dead-letter",
-                     "x-dead-letter-routing-key": queue}  # fmt: skip
-        channel.queue_declare(queue, durable=True, arguments=arguments)
+        channel.queue_declare(queue, durable=True, arguments={
+            "x-dead-letter-exchange": "stoqd.dead-letter",
+            "x-dead-letter-routing-key": queue, **arguments})  # fmt: skip
+
+
+def declare(node: RabbitNode, queue: str, **opts: Any) -> Any:
+    """The plugin for ``queue``, with the queue declared (``declare_queue``)."""
+    declare_queue(node, queue)
     return build(node, queue=queue, **opts)
 
 
@@ -244,18 +250,6 @@ def test_malformed_message_is_dead_lettered_and_consuming_goes_on(
                for r in caplog.records)  # fmt: skip
 
 
-def _declare_by_hand(node: RabbitNode, queue: str, **arguments: Any) -> None:
-    """``queue`` with a dead-letter queue, and other ``arguments``, for a passive provider."""
-    with pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", node.port)) as link:
-        channel = link.channel()
-        channel.exchange_declare("stoqd.dead-letter", "direct", durable=True)
-        channel.queue_declare(f"{queue}.dead", durable=True)
-        channel.queue_bind(f"{queue}.dead", "stoqd.dead-letter", routing_key=queue)
-        channel.queue_declare(queue, durable=True, arguments={
-            "x-dead-letter-exchange": "stoqd.dead-letter",
-            "x-dead-letter-routing-key": queue, **arguments})  # fmt: skip
-
-
 def test_malformed_message_of_a_consume_only_user_is_dead_lettered_without_a_copy(
     mq_rabbitmq: RabbitNode, broker: Broker, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -266,7 +260,7 @@ def test_malformed_message_of_a_consume_only_user_is_dead_lettered_without_a_cop
     mq_rabbitmq.ctl("add_user", user, "secret")
     mq_rabbitmq.ctl("set_permissions", "-p", "/", user, "^$", "^$", ".*")
     queue = unique()
-    _declare_by_hand(mq_rabbitmq, queue)
+    declare_queue(mq_rabbitmq, queue)
     broker.publish(queue, b"{not json", content_type="application/json", message_id="bad")
     broker.publish(queue, b"good", message_id="good")
     plugin = build(mq_rabbitmq, queue=queue, passive=True, user=user, password="secret",
@@ -295,7 +289,7 @@ def test_failed_scan_whose_retry_a_full_queue_refuses_is_dead_lettered(
     # While "fails" is held unacknowledged, "waits" fills the queue to its x-max-length
     # (ready messages): the broker nacks the retry's copy, and the message is dead-lettered.
     queue = unique()
-    _declare_by_hand(mq_rabbitmq, queue, **{"x-max-length": 1, "x-overflow": "reject-publish"})
+    declare_queue(mq_rabbitmq, queue, **{"x-max-length": 1, "x-overflow": "reject-publish"})
     broker.publish(queue, b"fails", message_id="fails")
 
     def outcome(put: Any) -> Outcome:
