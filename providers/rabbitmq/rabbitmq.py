@@ -741,7 +741,9 @@ class _Consumer:
         message is delivered again on the next channel, and this time not copied.
         """
         assert self.channel is not None
-        if self.copies_refused or _identity(delivery) in self.copy_refused_for:
+        if self.copies_refused or (
+            self.copy_refused_for and _identity(delivery) in self.copy_refused_for
+        ):  # (a body is hashed only when some copy was refused)
             return False
         properties = delivery.properties
         properties.headers = {**(properties.headers or {}), **headers}
