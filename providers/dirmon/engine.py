@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from stoqd.framework.data import PayloadMeta
 from stoqd.framework.exceptions import StoqPluginException
+from stoqd.framework.helpers import write_atomically
 
 from .files import (
     REJECT,
@@ -422,17 +423,7 @@ def _write_reason(target: str, rel: str, reason: str, provider: str, log: loggin
         "time": datetime.now(UTC).isoformat(),
     }
     path = f"{target}.error.json"
-    # Written aside and renamed into place: whoever reads failed_dir (and a provider
-    # killed mid-write) never sees half a reason.
-    part = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.part")
-    try:
-        with open(part, "w", encoding="utf-8") as handle:
-            json.dump(record, handle)
-            handle.write("\n")
-        os.replace(part, path)
+    try:  # whoever reads failed_dir never sees half a reason
+        write_atomically(path, (json.dumps(record) + "\n").encode())
     except OSError as exc:
         log.error("cannot write %s: %s", path, exc.strerror)
-        try:
-            os.unlink(part)
-        except OSError:
-            pass

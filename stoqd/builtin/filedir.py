@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import stat
-import tempfile
 from configparser import ConfigParser
 from typing import Any, Dict, Optional
 
@@ -25,7 +24,7 @@ from stoqd.framework.data import (
     StoqResponse,
 )
 from stoqd.framework.exceptions import StoqPluginException
-from stoqd.framework.helpers import dumps, get_sha256
+from stoqd.framework.helpers import dumps, get_sha256, write_atomically
 from stoqd.framework.plugins import ArchiverPlugin, ConnectorPlugin
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -73,7 +72,7 @@ class FiledirPlugin(ArchiverPlugin, ConnectorPlugin):
                 f"plugin {self.plugin_name}: scan_id {scan_id[:80]!r} is not a safe file name"
             )
         text = dumps(response, compactly=self.compactly) + "\n"
-        _write_atomically(os.path.join(results_dir, f"{scan_id}.json"), text.encode(), self.fsync)
+        write_atomically(os.path.join(results_dir, f"{scan_id}.json"), text.encode(), self.fsync)
 
     # -- archiver -------------------------------------------------------------------
 
@@ -84,7 +83,7 @@ class FiledirPlugin(ArchiverPlugin, ConnectorPlugin):
         path = os.path.join(archive_dir, _relative_path(sha256))
         if not os.path.isfile(path):  # content-addressed: same name, same bytes
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            _write_atomically(path, payload.content, self.fsync)
+            write_atomically(path, payload.content, self.fsync)
         return ArchiverResponse({"path": path, "sha256": sha256})
 
     def get(self, task: ArchiverResponse) -> Optional[Payload]:
@@ -139,23 +138,3 @@ def _read_regular_file(plugin_name: str, path: str) -> bytes:
         if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
             raise StoqPluginException(f"plugin {plugin_name}: {path} is not a regular file")
         return handle.read()
-
-
-def _write_atomically(path: str, data: bytes, fsync: bool) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
-    directory, name = os.path.split(path)
-    fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fchmod(handle.fileno(), 0o644)  # mkstemp's 0600 would hide results from readers
-            if fsync:
-                os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
-        raise

@@ -7,6 +7,8 @@ import datetime
 import enum
 import hashlib
 import json
+import os
+import tempfile
 import uuid
 from typing import Any, List, Optional
 
@@ -144,3 +146,24 @@ class StoqConfigParser(configparser.ConfigParser):
         if not self.has_option(section, option):
             return fallback
         return parse_bool(self.get(section, option))
+
+
+def write_atomically(path: str, data: bytes, fsync: bool = False) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``:
+    a reader, or a writer killed midway, never sees part of it."""
+    directory, name = os.path.split(path)
+    fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fchmod(handle.fileno(), 0o644)  # mkstemp's 0600 would hide results from readers
+            if fsync:
+                os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except FileNotFoundError:
+            pass
+        raise
