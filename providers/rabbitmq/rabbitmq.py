@@ -470,7 +470,7 @@ class _Consumer:
         self.parked.clear()
         for message_id in self.unsettled.values():
             if message_id:  # saved, its ack not sent: skip the redelivery
-                self._remember_saved(message_id)
+                _remember(self.saved_unacked, message_id, _SAVED_IDS_KEPT)
         self._clear_unsettled()
         wait = backoff.delay(failures, 0.5, self.plugin.reconnect_max)
         reason = _describe(exc)
@@ -656,7 +656,7 @@ class _Consumer:
         if delivery.generation != self.generation or self.channel is None:
             # Its channel is gone, so is its delivery tag; the broker redelivers it.
             if outcome.saved and message_id is not None:
-                self._remember_saved(message_id)
+                _remember(self.saved_unacked, message_id, _SAVED_IDS_KEPT)
         elif outcome.status == "saved":
             self.unsettled[delivery.tag] = message_id or ""  # acked by _flush_acks
             self._saved_unsettled += 1
@@ -678,11 +678,6 @@ class _Consumer:
                 self._ack(parked)
             else:
                 self.pending.appendleft(parked)
-
-    def _remember_saved(self, message_id: str) -> None:
-        self.saved_unacked[message_id] = None
-        while len(self.saved_unacked) > _SAVED_IDS_KEPT:
-            self.saved_unacked.popitem(last=False)
 
     def _ack(self, delivery: Delivery, counter: Optional[str] = "acked") -> None:
         assert self.channel is not None
@@ -764,9 +759,7 @@ class _Consumer:
             self.copies_refused = True
             scope = "from now on, failed and malformed messages are"
         else:
-            self.copy_refused_for[_identity(delivery)] = None
-            while len(self.copy_refused_for) > _REFUSED_IDS_KEPT:
-                self.copy_refused_for.popitem(last=False)
+            _remember(self.copy_refused_for, _identity(delivery), _REFUSED_IDS_KEPT)
             scope = "when it comes back, it is"
         self.log.error("queue %s refused a copy of message %s (%s %s): %s dead-lettered "
                        "without retries or a reason header", self.plugin.queue_name,
@@ -803,6 +796,13 @@ class _Consumer:
         if force or now - self._last_report >= _REPORT_EVERY:
             self._last_report = now
             self.queue.report(**self.stats)
+
+
+def _remember(ids: collections.OrderedDict[str, None], key: str, kept: int) -> None:
+    """Add ``key`` to a bounded record of ids, forgetting the oldest beyond ``kept``."""
+    ids[key] = None
+    while len(ids) > kept:
+        ids.popitem(last=False)
 
 
 def _identity(delivery: Delivery) -> str:
